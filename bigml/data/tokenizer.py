@@ -1,0 +1,155 @@
+"""Tokenizers: trained on the corpus with the `tokenizers` library, or loaded from a directory.
+
+Trained tokenizers are cached under <cache_dir>/tokenizers/<key>/ where the key covers the corpus
+fingerprint and every setting, and are saved with the model in Hugging Face format, so
+`AutoTokenizer.from_pretrained(<run>/model)` works with no bigml code.
+
+Special tokens follow the objective: masked LMs get BERT's [PAD] [UNK] [CLS] [SEP] [MASK] (and
+"[CLS] text [SEP]" around each document), causal LMs get GPT-2's <|endoftext|> as the document
+separator, plus a padding token so batched generation and classification heads work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from bigml.atomic import atomic_directory
+from bigml.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "wordpiece", "bpe", "char")
+_FORMAT_VERSION = 1  # bump when the way tokenizers are built changes, to invalidate caches
+
+MASKED_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+CAUSAL_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+
+
+def resolve_kind(kind: str, objective: str) -> str:
+    if kind not in KINDS:
+        raise ConfigError("tokenizer.kind", f"unknown kind {kind!r}", f"choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "wordpiece" if objective == "masked" else "bpe"
+    return kind
+
+
+def load_tokenizer(path: str, key: str = "tokenizer.path") -> PreTrainedTokenizerBase:
+    """Load an HF tokenizer from a directory (or a hub name where the network allows)."""
+    p = Path(path).expanduser()
+    if p.exists() and not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
+        raise DataError(f"{key}={path}: the directory holds no tokenizer files (tokenizer.json / vocab.txt)")
+    try:
+        return AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
+    except Exception as e:
+        raise DataError(f"{key}={path}: could not load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _iter_text(texts: Callable[[], Iterable[str]], max_bytes: int) -> Iterator[str]:
+    seen = 0
+    for t in texts():
+        yield t
+        seen += len(t)
+        if seen >= max_bytes:
+            return
+
+
+def _build(kind: str, objective: str, vocab_size: int, min_frequency: int, lowercase: bool,
+           texts: Callable[[], Iterable[str]], max_bytes: int) -> Tokenizer:
+    specials = MASKED_SPECIALS if objective == "masked" else CAUSAL_SPECIALS
+    special_list = list(dict.fromkeys(specials.values()))  # unique, in a fixed order
+    unk = specials["unk_token"]
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=unk))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                             special_tokens=special_list, show_progress=False)
+        tok.train_from_iterator(_iter_text(texts, max_bytes), trainer)
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_list,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        tok.train_from_iterator(_iter_text(texts, max_bytes), trainer)
+    elif kind == "char":
+        # The tokenizers library has no character-level trainer; counting characters is all it takes.
+        counts: Counter[str] = Counter()
+        for t in _iter_text(texts, max_bytes):
+            counts.update(t.lower() if lowercase else t)
+        keep = [c for c, n in counts.most_common(max(vocab_size - len(special_list), 1)) if n >= min_frequency]
+        vocab = {s: i for i, s in enumerate(special_list)}
+        for c in keep:
+            vocab.setdefault(c, len(vocab))
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+        if lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+    else:  # pragma: no cover - resolve_kind guards
+        raise AssertionError(kind)
+    if objective == "masked":
+        cls_id, sep_id = tok.token_to_id(specials["cls_token"]), tok.token_to_id(specials["sep_token"])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{specials['cls_token']} $A {specials['sep_token']}",
+            pair=f"{specials['cls_token']} $A {specials['sep_token']} $B:1 {specials['sep_token']}:1",
+            special_tokens=[(specials["cls_token"], cls_id), (specials["sep_token"], sep_id)],
+        )
+    return tok
+
+
+def train_or_load(tok_cfg, objective: str, corpus_key: str, texts: Callable[[], Iterable[str]],
+                  cache_dir: str, model_max_length: int) -> tuple[PreTrainedTokenizerFast, bool]:
+    """The tokenizer for this run and whether it came from the cache.
+
+    `texts` is a factory of an iterable of documents, called only when training is needed.
+    """
+    kind = resolve_kind(str(tok_cfg.kind), objective)
+    vocab_size = int(tok_cfg.vocab_size)
+    if vocab_size < 16:
+        raise ConfigError("tokenizer.vocab_size", f"{vocab_size} is too small", "use at least a few hundred")
+    lowercase = bool(tok_cfg.lowercase) if tok_cfg.get("lowercase") is not None else kind == "wordpiece"
+    min_frequency = int(tok_cfg.get("min_frequency") or 1)
+    max_bytes = int(float(tok_cfg.get("train_max_mb") or 64) * 1e6)
+    settings = dict(kind=kind, objective=objective, vocab_size=vocab_size, lowercase=lowercase,
+                    min_frequency=min_frequency, max_bytes=max_bytes, corpus=corpus_key, v=_FORMAT_VERSION)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    where = Path(cache_dir).expanduser() / "tokenizers" / key
+    if (where / "tokenizer.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(where))
+        tok.model_max_length = model_max_length
+        return tok, True
+    log.info("training a %s tokenizer (vocab %d) on the corpus", kind, vocab_size)
+    raw = _build(kind, objective, vocab_size, min_frequency, lowercase, texts, max_bytes)
+    if raw.get_vocab_size() < 8:
+        raise DataError("the corpus is too small to train a tokenizer; give more text or set tokenizer.path")
+    specials = MASKED_SPECIALS if objective == "masked" else CAUSAL_SPECIALS
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=model_max_length, **specials)
+    with atomic_directory(where) as tmp:
+        tok.save_pretrained(str(tmp))
+        (tmp / "bigml_tokenizer.json").write_text(json.dumps(settings, indent=2))
+    return tok, False
+
+
+def document_separator(tok: PreTrainedTokenizerBase, objective: str) -> list[int]:
+    """Token ids appended after every document when packing (the post-processor adds [SEP] for BERT)."""
+    if objective == "masked":
+        return []
+    if tok.eos_token_id is not None:
+        return [tok.eos_token_id]
+    if tok.sep_token_id is not None:
+        return [tok.sep_token_id]
+    return []

@@ -1,0 +1,156 @@
+"""What the machine can do: the fastest correct precision, and the peak FLOP/s MFU is measured against."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator in ("auto", None):
+        if torch.cuda.is_available():
+            return "gpu"
+        return "cpu"  # MPS is opt-in (trainer.accelerator=mps): op coverage still varies by release
+    return "gpu" if accelerator == "cuda" else str(accelerator)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 run bf16 matmuls natively (~3x fp32 on the Xeons measured in BENCHMARKS.md);
+    without them bf16 is emulated and slower than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`auto` -> the fastest precision that trains correctly on this hardware."""
+    precision = str(precision)
+    if precision != "auto":
+        return precision
+    acc = resolve_accelerator(accelerator)
+    if acc == "gpu" and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if acc == "cpu" and cpu_has_fast_bf16():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_cpu_peak_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul: the practical peak of this CPU for `dtype`."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up (thread pool, kernel selection)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def peak_flops(accelerator: str, precision: str, cache_dir: str | None = None) -> float | None:
+    """Peak FLOP/s per device: Lightning's table for GPUs, a measured (cached) matmul for CPUs."""
+    dtype = compute_dtype(precision)
+    acc = resolve_accelerator(accelerator)
+    if acc == "gpu" and torch.cuda.is_available():
+        from lightning_fabric.utilities.throughput import get_available_flops
+
+        return get_available_flops(torch.device("cuda"), dtype)
+    if acc != "cpu":
+        return None
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    cache = Path(cache_dir).expanduser() / "cpu_peak_flops.json" if cache_dir else None
+    known = {}
+    if cache and cache.exists():
+        try:
+            known = json.loads(cache.read_text())
+        except ValueError:
+            known = {}
+    if key not in known:
+        known[key] = measure_cpu_peak_flops(dtype)
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+    return float(known[key])
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls of the non-embedding parameters (forward 2N,
+    backward 4N) plus 12 * layers * hidden * seq_len for attention scores (Kaplan et al. / PaLM)."""
+    d = config.to_dict()
+    layers = d.get("num_hidden_layers", d.get("n_layer"))
+    hidden = d.get("hidden_size", d.get("n_embd"))
+    inter = d.get("intermediate_size", d.get("n_inner")) or 4 * hidden
+    heads = d.get("num_attention_heads", d.get("n_head"))
+    kv_heads = d.get("num_key_value_heads") or heads
+    head_dim = hidden // heads
+    attn = hidden * (heads * head_dim) * 2 + hidden * (kv_heads * head_dim) * 2  # q, o, k, v
+    gated = d.get("model_type") == "llama"
+    mlp = (3 if gated else 2) * hidden * inter
+    n_non_embedding = layers * (attn + mlp)
+    # the output projection over the vocabulary is a real matmul even when tied to the embeddings
+    n_matmul = n_non_embedding + hidden * config.vocab_size
+    return 6 * n_matmul + 12 * layers * hidden * seq_len
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process instead of returning it to the OS after every step.
+
+    glibc serves large blocks (a step's logits, activations) with mmap and unmaps them on free,
+    so every training step page-faults hundreds of MB back in: on the 2-core Xeon of BENCHMARKS.md
+    that cost ~30% of the step time, most of it kernel time. Turning mmap off for malloc and
+    raising the trim threshold (what MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would do, but
+    settable after start-up) removes it. Resident memory then stays at its peak, which a training
+    process reaches within a few steps anyway. BIGML_MALLOC_TUNING=0 turns this off.
+    """
+    if os.environ.get("BIGML_MALLOC_TUNING", "1") == "0" or platform.system() != "Linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1
+        ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 34) == 1
+        return bool(ok)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False

@@ -1,0 +1,92 @@
+"""The Lightning Trainer every training command uses, built from conf/trainer + conf/logger."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+
+from bigml import hardware
+from bigml.atomic import AtomicCheckpointIO
+from bigml.callbacks.progress import LogLines
+from bigml.callbacks.throughput import ThroughputMeter
+from bigml.errors import ConfigError, UsageError
+
+log = logging.getLogger("bigml")
+BIGML_TRAINER_KEYS = ("compile",)  # keys of conf/trainer that are bigml's, not Trainer arguments
+
+
+def interactive() -> bool:
+    """A person is watching: rich progress. Otherwise (pipes, CI) plain lines."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def trainer_kwargs(cfg) -> tuple[dict, dict]:
+    """(Trainer arguments, bigml's own trainer keys) with precision resolved."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    extra = {k: kwargs.pop(k) for k in BIGML_TRAINER_KEYS if k in kwargs}
+    if str(kwargs.get("precision")) not in hardware.PRECISIONS and not str(kwargs.get("precision")).isdigit():
+        raise ConfigError("trainer.precision", f"unknown precision {kwargs.get('precision')!r}",
+                          f"choose one of {', '.join(hardware.PRECISIONS)}")
+    kwargs["precision"] = hardware.resolve_precision(str(kwargs["precision"]), str(kwargs.get("accelerator", "auto")))
+    if kwargs.get("max_epochs") is None and kwargs.get("max_steps", -1) in (-1, None):
+        raise ConfigError("trainer.max_steps", "neither max_steps nor max_epochs is set", "set one of them")
+    return kwargs, extra
+
+
+def build_logger(cfg):
+    if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
+        return False
+    try:
+        return instantiate(cfg.logger)
+    except Exception as e:  # the logger's package is missing, typically
+        cause = e.__cause__ or e
+        name = getattr(cfg, "logger", {}).get("_target_", "?").rsplit(".", 1)[-1]
+        if isinstance(cause, (ImportError, ModuleNotFoundError)) or "install" in str(cause).lower():
+            pkg = {"TensorBoardLogger": "tensorboard", "MLFlowLogger": "mlflow", "WandbLogger": "wandb"}.get(name, "it")
+            raise UsageError(f"logger: {name} needs a package that is not installed; pip install {pkg}") from None
+        raise
+
+
+def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per_token: float | None,
+                  monitor_progress: bool = True) -> tuple[pl.Trainer, ThroughputMeter]:
+    kwargs, _ = trainer_kwargs(cfg)
+    peak = None
+    if flops_per_token:
+        peak = hardware.peak_flops(str(kwargs.get("accelerator", "auto")), kwargs["precision"], cfg.get("cache_dir"))
+    meter = ThroughputMeter(flops_per_token, peak, log_every_n_steps=int(kwargs.get("log_every_n_steps", 10)))
+    progress: list[pl.Callback] = []
+    if monitor_progress:
+        progress = [RichProgressBar(leave=True)] if interactive() else [LogLines(kwargs.get("log_every_n_steps", 10))]
+    logger = build_logger(cfg)
+    all_callbacks = [*callbacks, meter, *progress]
+    if logger:
+        all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    kwargs.setdefault("check_val_every_n_epoch", None)  # validate every val_check_interval steps, across epochs
+    try:
+        trainer = pl.Trainer(
+            **kwargs,
+            default_root_dir=str(run_dir),
+            logger=logger,
+            callbacks=all_callbacks,
+            enable_progress_bar=bool(progress) and interactive(),
+            enable_model_summary=False,
+            use_distributed_sampler=False,  # bigml's samplers shard by rank themselves (and can resume)
+            plugins=[AtomicCheckpointIO()],
+            # no_grad rather than inference_mode: metric states made in one validation must be
+            # updatable in the next (trainer.validate before fit, then validation inside fit)
+            inference_mode=False,
+        )
+    except (ValueError, TypeError) as e:  # Lightning's own argument checks
+        raise UsageError(f"trainer: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if type(e).__name__ == "MisconfigurationException":
+            raise UsageError(f"trainer: {str(e).splitlines()[0]}") from None
+        raise
+    return trainer, meter
