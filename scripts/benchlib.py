@@ -1,0 +1,78 @@
+"""Shared helpers for scripts/bench_*.py: machine facts, timing, markdown sections.
+
+Every benchmark script writes one markdown section (to --out) that scripts/run_benchmarks.py
+splices into BENCHMARKS.md between `<!-- bench:NAME -->` markers, so one script can be re-run
+alone (`make bench BENCH=generate`) without losing the others' figures. Sections state their
+commands and the machine, and compare variants measured side by side in the same run (the
+machines are shared and noisy: ratios hold up, absolute times drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    import torch
+
+    from bigml.hardware import cpu_has_fast_bf16, cpu_name
+
+    cores = os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
+    bf16 = "bf16 matmul native (AMX/AVX512-BF16)" if cpu_has_fast_bf16() else "no native bf16"
+    return (f"{cpu_name()}, {cores} cores, {mem_gb:.0f} GiB, {gpu}, {bf16}; torch {torch.__version__}, "
+            f"Python {platform.python_version()}; {datetime.date.today().isoformat()}")
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """(median seconds, min seconds) of `fn` over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def bigml_cmd(*args: str, env: dict | None = None, cwd: Path | None = None, check: bool = True) -> tuple[float, str, str]:
+    """Run the installed console script; (wall seconds, stdout, stderr)."""
+    exe = shutil.which("bigml", path=str(Path(sys.executable).parent)) or "bigml"
+    t0 = time.perf_counter()
+    p = subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    wall = time.perf_counter() - t0
+    if check and p.returncode != 0:
+        raise RuntimeError(f"bigml {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return wall, p.stdout, p.stderr
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, required=True, help="markdown file for this benchmark's section")
+    p.add_argument("--quick", action="store_true", help="fewer steps/repeats: check the script runs")
+    return p
