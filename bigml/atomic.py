@@ -8,7 +8,6 @@ name in the same directory and then renamed, which POSIX makes atomic within one
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,9 +15,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -74,20 +70,3 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic on local disks.
-
-    Lightning's own `_atomic_save` goes through an fsspec transaction, whose local implementation
-    writes to the system temp dir and then `shutil.move`s the file; across filesystems that is a copy
-    into the destination, so a kill during the copy leaves a truncated checkpoint. Remote URLs
-    (s3://, gs://) keep Lightning's path.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getvalue())

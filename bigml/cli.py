@@ -137,47 +137,105 @@ def _siblings(exc: BaseException, parent: str) -> list[str]:
     return []
 
 
-def _redirect_resume(command: str, overrides: list[str]) -> list[str]:
-    """resume=auto|<run dir>|<ckpt>: run in the resumed run's directory (unless hydra.run.dir is set)."""
-    from bigml.training.checkpoints import resolve_resume_dir
-
+def _override_value(overrides: list[str], key: str) -> str | None:
     value = None
     for o in overrides:
-        if o.startswith("resume="):
+        if o.startswith(f"{key}="):
             value = o.split("=", 1)[1].strip("'\"")
-    if not value or value in ("null", "None", "none") or any(o.startswith("hydra.run.dir=") for o in overrides):
+    return value
+
+
+def _redirect_resume(command: str, overrides: list[str]) -> list[str]:
+    """resume=auto|<run dir>|<ckpt>: run in the resumed run's directory (unless hydra.run.dir is set)."""
+    value = _override_value(overrides, "resume")
+    if not value or value in ("null", "None", "none") or _override_value(overrides, "hydra.run.dir"):
         return overrides
-    run_dir = resolve_resume_dir(value, command)
+    from bigml.training.checkpoints import resolve_resume_dir
+
+    run_dir = resolve_resume_dir(value, command, _override_value(overrides, "output_root"))
     if run_dir is None:
         return [o for o in overrides if not o.startswith("resume=")]  # auto, nothing to resume: start fresh
     return overrides + [f"hydra.run.dir={run_dir}"]
 
 
+def _torchrun_run_dir(command: str, overrides: list[str]) -> list[str]:
+    """Under torchrun every rank starts bigml on its own; give them one run directory.
+
+    The directory is named after the rendezvous id (--rdzv-id, shared by all nodes) or, when there
+    is none, after the start time of the local torchrun agent (shared by its ranks).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _override_value(overrides, "hydra.run.dir"):
+        return overrides
+    import datetime
+
+    import psutil
+
+    from bigml.run_dir import output_root
+
+    run_id = os.environ["TORCHELASTIC_RUN_ID"]
+    if run_id in ("", "none") or re.fullmatch(r"[0-9a-f]{8}-[0-9a-f-]{27}", run_id):  # torchrun's own uuid
+        started = psutil.Process(os.getppid()).create_time()
+        name = datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d_%H-%M-%S") + "-torchrun"
+    else:  # --rdzv-id given by the user: the same on every node
+        name = f"torchrun-{run_id}"
+    root = _override_value(overrides, "output_root") or str(output_root())
+    return overrides + [f"hydra.run.dir={root}/{command}/{name}"]
+
+
 def run_command(command: str, args: list[str]) -> None:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from bigml.commands.runner import run_job
+    from bigml import sweep
 
     if importlib.util.find_spec(f"bigml.commands.{command}") is None:
         raise UsageError(f"`bigml {command}` is not available in this version yet; see README.md for what is")
-    module = importlib.import_module(f"bigml.commands.{command}")
+    module = f"bigml.commands.{command}"  # imported by run_job, once the config has composed
     original_argv = list(sys.argv)
-
     failures: list[BaseException] = []
+    state = {"stop": False}
 
     def task(cfg):
         sys.argv = original_argv  # Lightning re-runs sys.argv to start DDP ranks
-        try:
-            return run_job(command, module.run, cfg)
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after Hydra returns
-            failures.append(e)  # (raising here makes Hydra print its own, second error message)
-            return None
+        from bigml.commands.runner import run_job
 
-    is_multirun = any(a in ("-m", "--multirun") for a in args)
-    if not is_multirun and not any(a.startswith("-") and a not in ("-m",) for a in args):
-        args = _redirect_resume(command, args)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            try:
+                return run_job(command, module, cfg)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after Hydra returns
+                failures.append(e)  # (raising here makes Hydra print its own, second error message)
+                return None
+        # A sweep job: a failure is recorded (metrics.json, summary) and the sweep goes on.
+        # The return value is the objective an optimizing sweeper (optuna) reads.
+        job = HydraConfig.get().job.num
+        if state["stop"]:
+            return float("nan")
+        try:
+            metrics = run_job(command, module, cfg)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            code, line = explain(e)
+            sys.stderr.write(f"bigml {command}: job {job} failed: {line}\n")
+            state["stop"] = bool(cfg.sweep.get("fail_fast", False))
+            return float("nan")
+        value = metrics.get(str(cfg.sweep.metric)) if isinstance(metrics, dict) else None
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    is_multirun = any(a in ("-m", "--multirun") for a in args) or _override_value(args, "hparams_search")
+    flags = [a for a in args if a.startswith("-")]
+    if is_multirun:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            raise UsageError("a multirun sweep under torchrun would run the whole sweep in every rank; "
+                             "launch one torchrun per configuration instead")
+        if not any(f in ("--cfg", "-c", "--help", "-h", "--info", "-i") for f in flags):
+            sweep.check_sweep(command, _config_dir(), [a for a in args if not a.startswith("-")])
+    elif not any(f in ("--cfg", "-c", "--help", "-h", "--info", "-i") for f in flags):
+        args = _torchrun_run_dir(command, _redirect_resume(command, args))
     app = hydra.main(config_path=_config_dir(), config_name=command, version_base="1.3")(task)
     sys.argv = [f"bigml {command}", *args]
+    sweep.LAST_SWEEP.clear()
     try:
         app()
     except OSError as e:  # Hydra creates the run directory before the command starts
@@ -189,6 +247,9 @@ def run_command(command: str, args: list[str]) -> None:
         sys.argv = original_argv
     if failures:
         raise failures[0]
+    if sweep.LAST_SWEEP.get("failed"):
+        s = sweep.LAST_SWEEP
+        raise BigmlError(f"{s['failed']} of {s['jobs']} sweep jobs failed; see {s['sweep_dir']}/summary.csv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_FAILURE)
     except BaseException as e:  # noqa: BLE001 - the one place every error is reported
         code, line = explain(e)
-        if debug or code == EXIT_FAILURE:
+        if debug or (code == EXIT_FAILURE and not isinstance(e, BigmlError)):  # a bug: show where
             traceback.print_exc()
         sys.stderr.write(f"bigml {command}: error: {line}\n")
         sys.stderr.flush()

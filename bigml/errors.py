@@ -46,6 +46,10 @@ class DataError(UsageError):
     """An input file or dataset is missing, empty or malformed."""
 
 
+class TrainingDiverged(BigmlError):
+    """The loss became NaN or infinite: exit code 1 (a runtime failure, not a usage error)."""
+
+
 class GateFailed(BigmlError):
     """A metric gate (eval.fail_below / fail_above) was not met: exit code 1, not a usage error."""
 

@@ -10,14 +10,14 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
 
 
 def resolve_accelerator(accelerator: str) -> str:
+    import torch
+
     if accelerator in ("auto", None):
         if torch.cuda.is_available():
             return "gpu"
@@ -44,6 +44,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """`auto` -> the fastest precision that trains correctly on this hardware."""
+    import torch
+
     precision = str(precision)
     if precision != "auto":
         return precision
@@ -55,7 +57,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
-def compute_dtype(precision: str) -> torch.dtype:
+def compute_dtype(precision: str):
+    import torch
+
     if precision.startswith("bf16"):
         return torch.bfloat16
     if precision.startswith("16"):
@@ -73,8 +77,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_cpu_peak_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
+def measure_cpu_peak_flops(dtype, n: int = 2048, seconds: float = 0.5) -> float:
     """FLOP/s of a large square matmul: the practical peak of this CPU for `dtype`."""
+    import torch
+
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up (thread pool, kernel selection)
@@ -87,6 +93,8 @@ def measure_cpu_peak_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 0
 
 def peak_flops(accelerator: str, precision: str, cache_dir: str | None = None) -> float | None:
     """Peak FLOP/s per device: Lightning's table for GPUs, a measured (cached) matmul for CPUs."""
+    import torch
+
     dtype = compute_dtype(precision)
     acc = resolve_accelerator(accelerator)
     if acc == "gpu" and torch.cuda.is_available():

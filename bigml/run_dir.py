@@ -30,6 +30,7 @@ from bigml.atomic import atomic_directory, atomic_write_json
 from bigml.errors import UsageError
 
 log = logging.getLogger("bigml")
+JOB_STARTED: float | None = None  # set by the runner for sweep jobs (many runs in one process)
 _LOG_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
 
 
@@ -52,7 +53,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_console_logging(verbose: bool = False) -> None:
+def setup_console_logging() -> None:
     """Logs go to stderr (stdout is for results, e.g. generated text)."""
     root = logging.getLogger()
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
@@ -60,18 +61,21 @@ def setup_console_logging(verbose: bool = False) -> None:
         h.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(h)
     root.setLevel(logging.INFO if is_global_zero_process() else logging.WARNING)  # one voice under DDP
-    quiet = logging.INFO if verbose else logging.WARNING
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "datasets", "torch", "httpx"):
-        logging.getLogger(name).setLevel(quiet)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Library chatter (Lightning's tips, transformers' notices, deprecation warnings) is for their
+    maintainers, not for people running bigml; verbose=true shows it."""
     import warnings
 
     import transformers
 
+    quiet = logging.INFO if verbose else logging.WARNING
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "datasets", "torch", "httpx"):
+        logging.getLogger(name).setLevel(quiet)
     transformers.utils.logging.set_verbosity_info() if verbose else transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if not verbose:
-        # Library deprecation chatter (Lightning's pytree shim, torch.ao, ...) is for their
-        # maintainers, not for people running bigml; BIGML_VERBOSE=1 / verbose=true shows it.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|is deprecated|exists and is not empty|It is recommended to use `self.log).*")
@@ -87,7 +91,8 @@ class RunDir:
         self.checkpoints = path / "checkpoints"
         self.model_dir = path / "model"
         self.metrics_path = path / "metrics.json"
-        self.started = psutil.Process().create_time()  # the whole command, start-up included
+        # the whole command, start-up included; a sweep job counts from its own start
+        self.started = JOB_STARTED or psutil.Process().create_time()
         self._created_files = False
 
     @classmethod
@@ -129,10 +134,11 @@ class RunDir:
         payload.setdefault("wall_time_s", round(time.time() - self.started, 2))
         atomic_write_json(self.metrics_path, payload)
 
-    def export_model(self, model, tokenizer, metadata: dict[str, Any]) -> Path:
-        """save_pretrained (safetensors) + tokenizer + bigml.json, all in one atomic rename."""
+    def export_model(self, model, tokenizer, metadata: dict[str, Any], state_dict: dict | None = None) -> Path:
+        """save_pretrained (safetensors) + tokenizer + bigml.json, all in one atomic rename.
+        `state_dict` overrides the model's own tensors (e.g. weights gathered from FSDP shards)."""
         with atomic_directory(self.model_dir) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             (tmp / "bigml.json").write_text(json.dumps({**metadata, "bigml_version": __version__}, indent=2, default=str))

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
                 continue
             section = f"<!-- bench:{name} -->\n{out.read_text().strip()}\n\n_Machine: {machine()}_\n<!-- /bench:{name} -->"
         pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+        text = pattern.sub(lambda _, s=section: s, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
         target.write_text(text)
     if failed:
         print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)

@@ -57,7 +57,7 @@ def test_resume_from_a_directory_without_checkpoints(cli, corpus, tmp_path):
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    from bigml.atomic import AtomicCheckpointIO
+    from bigml.training.checkpoints import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"

@@ -24,7 +24,7 @@ from bigml.models import architectures
 from bigml.models.language_model import LanguageModel
 from bigml.run_dir import RunDir
 from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
-from bigml.training.trainer import build_trainer, trainer_kwargs
+from bigml.training.trainer import build_trainer, full_state_dict, replicas_identical, trainer_kwargs
 
 log = logging.getLogger("bigml")
 
@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = PackedCorpusDataModule(info, block, int(cfg.data.batch_size), int(cfg.seed), int(cfg.data.num_workers))
     ckpt_cbs = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep))
     trainer, meter = build_trainer(cfg, run_dir.path, callbacks=ckpt_cbs,
-                                   flops_per_token=hardware.flops_per_token(module.model.config, block))
+                                   flops_per_token=hardware.flops_per_token(module.model.config, block), model=module.model)
     log.info("model: %s (%s parameters, %s objective) | precision %s | %s x %s tokens per step",
              architectures.describe(module.model.config), f"{n_params:,}", objective, trainer.precision,
              cfg.data.batch_size, block)
@@ -156,6 +156,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     trainer.save_checkpoint(str(run_dir.checkpoints / "last.ckpt"))
+    identical = replicas_identical(trainer, module.model)
+    gathered = full_state_dict(trainer)  # FSDP: every rank takes part in gathering the shards
 
     metrics: dict[str, Any] = {
         "command": "pretrain",
@@ -175,9 +177,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if objective == "masked":
         metrics["val_accuracy"] = final.get("val_accuracy")
+    if identical is not None:
+        metrics["replicas_identical"] = identical
     metrics.update({k: v for k, v in meter.summary().items()})
     if trainer.is_global_zero:
-        run_dir.export_model(module.model, tokenizer, {
+        weights = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered is not None else None
+        run_dir.export_model(module.model, tokenizer, state_dict=weights, metadata={
             "command": "pretrain", "objective": objective, "block_size": block, "step": trainer.global_step,
             "run_dir": str(run_dir.path),
         })

@@ -3,30 +3,56 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from bigml import run_dir as run_dir_module
 from bigml.config_check import check_types
 from bigml.errors import UsageError
-from bigml.run_dir import RunDir, close_file_logs, discard_if_empty, is_global_zero_process, setup_console_logging
+from bigml.run_dir import (
+    RunDir,
+    close_file_logs,
+    discard_if_empty,
+    is_global_zero_process,
+    quiet_libraries,
+    setup_console_logging,
+)
 
 log = logging.getLogger("bigml")
 
 
-def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
-    setup_console_logging(verbose=bool(cfg.get("verbose", False)))
+def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg: DictConfig) -> dict[str, Any]:
+    """Run a command's `run(cfg)`; `fn` may be the module name (imported here, after the config is
+    checked, so that config errors are reported before torch and transformers are imported)."""
+    setup_console_logging()
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir_module.JOB_STARTED = time.time() if multirun else None
     try:
-        check_types(cfg, hydra_cfg.job.config_name)
+        check_types(cfg, hydra_cfg.job.config_name)  # before the slow imports: bad values fail in a blink
+        quiet_libraries(verbose=bool(cfg.get("verbose", False)))
+        if cfg.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(cfg.threads))
+        if isinstance(fn, str):
+            import importlib
+
+            fn = importlib.import_module(fn).run
         return fn(cfg)
-    except UsageError:
-        discard_if_empty(out)
+    except UsageError as e:
+        if multirun and is_global_zero_process():  # a sweep's summary must say why this job failed
+            RunDir(out).write_metrics({"command": command, "error": str(e)}, status="failed")
+        else:
+            discard_if_empty(out)
         raise
     except BaseException as e:
         # The run keeps what it wrote (checkpoints: resume=...), and says that it failed.

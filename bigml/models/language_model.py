@@ -18,6 +18,7 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import CONFIG_MAPPING
 
+from bigml.errors import TrainingDiverged
 from bigml.models import architectures
 from bigml.training.optim import build_optimizer, build_scheduler
 
@@ -125,8 +126,13 @@ class LanguageModel(pl.LightningModule):
         inputs, labels = self._inputs_and_labels(batch, step_seed)
         loss = self.loss_and_logits(inputs, labels)[0] if self.objective == "masked" else self(inputs, labels).loss
         self.tokens_seen += batch.numel() * self.trainer.world_size
+        if batch_idx % 10 == 0 and not torch.isfinite(loss):  # checked every 10 steps: it syncs the device
+            raise TrainingDiverged(
+                f"training diverged at step {self.global_step} (loss {loss.item()}); lower optimizer.lr, "
+                f"raise scheduler.warmup_steps or use trainer.precision=32-true; checkpoints/ holds the last good state")
         self._recent_losses.append(loss.detach())
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # the mean over processes under DDP, so curves compare with single-device runs
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1)
         self.log("tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         return loss
 

@@ -10,13 +10,16 @@ complete checkpoint is intact and `resume=auto` continues from it.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from pathlib import Path
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from bigml.atomic import atomic_write_bytes
 from bigml.errors import UsageError
 from bigml.run_dir import latest_resumable_run, output_root
 
@@ -52,6 +55,10 @@ def pick_checkpoint(run_dir: Path) -> Path | None:
         candidates.append(ckpts / "last.ckpt")
     candidates += sorted(ckpts.glob("step-*.ckpt"), key=_step_of, reverse=True)
     for c in candidates:
+        if c.is_dir():  # a sharded (FSDP) checkpoint: a directory written by torch.distributed.checkpoint
+            if (c / ".metadata").exists():
+                return c
+            continue
         try:
             torch.load(c, map_location="cpu", weights_only=False, mmap=True)
             return c
@@ -60,13 +67,14 @@ def pick_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def resolve_resume_dir(value: str, command: str) -> Path | None:
+def resolve_resume_dir(value: str, command: str, root: str | None = None) -> Path | None:
     """The run directory a `resume=` value refers to; None for `auto` with nothing to resume."""
     if value == "auto":
-        found = latest_resumable_run(output_root(), command)
+        root_dir = Path(root) if root else output_root()
+        found = latest_resumable_run(root_dir, command)
         if found is None:
             log.info("resume=auto: no unfinished %s run with a checkpoint under %s; starting a new run",
-                     command, output_root())
+                     command, root_dir)
         return found
     p = Path(value).expanduser()
     if p.is_file() and p.suffix == ".ckpt":
@@ -89,3 +97,20 @@ def resume_checkpoint(value: str | None, run_dir: Path) -> Path | None:
     if ckpt is None and value != "auto":
         raise UsageError(f"resume={value}: no readable checkpoint in {run_dir / 'checkpoints'}")
     return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on local disks.
+
+    Lightning's own `_atomic_save` goes through an fsspec transaction, whose local implementation
+    writes to the system temp dir and then `shutil.move`s the file; across filesystems that is a copy
+    into the destination, so a kill during the copy leaves a truncated checkpoint. Remote URLs
+    (s3://, gs://) keep Lightning's path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getvalue())

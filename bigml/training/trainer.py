@@ -8,18 +8,19 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 
 from bigml import hardware
-from bigml.atomic import AtomicCheckpointIO
 from bigml.callbacks.progress import LogLines
 from bigml.callbacks.throughput import ThroughputMeter
 from bigml.errors import ConfigError, UsageError
+from bigml.training.checkpoints import AtomicCheckpointIO
 
 log = logging.getLogger("bigml")
-BIGML_TRAINER_KEYS = ("compile",)  # keys of conf/trainer that are bigml's, not Trainer arguments
+BIGML_TRAINER_KEYS = ("compile", "fsdp")  # keys of conf/trainer that are bigml's, not Trainer arguments
 
 
 def interactive() -> bool:
@@ -35,6 +36,8 @@ def trainer_kwargs(cfg) -> tuple[dict, dict]:
         raise ConfigError("trainer.precision", f"unknown precision {kwargs.get('precision')!r}",
                           f"choose one of {', '.join(hardware.PRECISIONS)}")
     kwargs["precision"] = hardware.resolve_precision(str(kwargs["precision"]), str(kwargs.get("accelerator", "auto")))
+    if kwargs.get("strategy") == "fsdp" and not torch.cuda.is_available():
+        raise UsageError("trainer=fsdp needs CUDA GPUs (Lightning's FSDP has no CPU path); on CPU use trainer=ddp")
     if kwargs.get("max_epochs") is None and kwargs.get("max_steps", -1) in (-1, None):
         raise ConfigError("trainer.max_steps", "neither max_steps nor max_epochs is set", "set one of them")
     return kwargs, extra
@@ -54,9 +57,48 @@ def build_logger(cfg):
         raise
 
 
+def block_classes(model) -> set[type]:
+    """The transformer block classes of a transformers model (its `_no_split_modules`): the unit
+    FSDP shards and activation checkpointing recomputes."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def fsdp_strategy(model, options: dict):
+    """Lightning's FSDPStrategy with one FSDP unit per transformer block."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    blocks = block_classes(model)
+    if not blocks:
+        raise UsageError(f"trainer=fsdp: cannot find the transformer block class of {type(model).__name__} to shard")
+    return FSDPStrategy(
+        auto_wrap_policy=blocks,
+        activation_checkpointing_policy=blocks if options.get("activation_checkpointing", True) else None,
+        sharding_strategy=str(options.get("sharding_strategy", "FULL_SHARD")),
+        state_dict_type=str(options.get("state_dict_type", "sharded")),
+        cpu_offload=bool(options.get("cpu_offload", False)),
+    )
+
+
+def full_state_dict(trainer: pl.Trainer) -> dict | None:
+    """Under FSDP, the whole model's weights gathered on CPU (a collective: call on every rank),
+    keyed like the LightningModule's state dict; None for other strategies (weights are local)."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(trainer.strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per_token: float | None,
-                  monitor_progress: bool = True) -> tuple[pl.Trainer, ThroughputMeter]:
-    kwargs, _ = trainer_kwargs(cfg)
+                  monitor_progress: bool = True, model=None) -> tuple[pl.Trainer, ThroughputMeter]:
+    kwargs, extra = trainer_kwargs(cfg)
+    if kwargs.get("strategy") == "fsdp":
+        if model is None:
+            raise UsageError("trainer=fsdp: this command does not support FSDP; use trainer=ddp")
+        kwargs["strategy"] = fsdp_strategy(model, dict(extra.get("fsdp") or {}))
     peak = None
     if flops_per_token:
         peak = hardware.peak_flops(str(kwargs.get("accelerator", "auto")), kwargs["precision"], cfg.get("cache_dir"))
@@ -90,3 +132,16 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
             raise UsageError(f"trainer: {str(e).splitlines()[0]}") from None
         raise
     return trainer, meter
+
+
+def replicas_identical(trainer: pl.Trainer, model) -> bool | None:
+    """Under DDP, whether every process ended with the same weights (a cheap fingerprint per
+    parameter, all-gathered). None with a single process, or when weights are sharded (FSDP)."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    if trainer.world_size <= 1 or isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    with torch.no_grad():
+        fp = torch.stack([p.detach().double().sum() + p.detach().double().square().sum() for p in model.parameters()])
+    gathered = trainer.strategy.all_gather(fp.to(trainer.strategy.root_device))
+    return bool(all(torch.equal(gathered[0], g) for g in gathered[1:]))
