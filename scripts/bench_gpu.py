@@ -20,7 +20,7 @@ GPU_ARGS = ["model=gpt-small", "trainer=gpu", "data.block_size=1024", "data.batc
             "checkpoint.every_n_steps=1000"]
 PLAN = """Settings for H100-class GPUs (the `trainer=gpu` preset plus the arguments above):
 - `trainer.precision=auto` resolves to bf16-mixed on Ampere and newer;
-- AdamW with fused CUDA kernels (`optimizer.fused: null` picks them on CUDA);
+- AdamW with fused kernels (`optimizer.fused: null` picks them on CUDA and CPU alike);
 - attention through PyTorch SDPA (flash / memory-efficient kernels; transformers' default);
 - `trainer.compile=true` (the `gpu` preset) compiles each model with torch.compile;
 - vocabulary padded to a multiple of 64 (`tokenizer.vocab_size=50304`) for tensor-core shapes;

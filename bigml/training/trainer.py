@@ -12,6 +12,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from pytorch_lightning.strategies import FSDPStrategy
+from pytorch_lightning.utilities import GradClipAlgorithmType
 
 from bigml import hardware
 from bigml.callbacks.progress import LogLines
@@ -66,7 +69,6 @@ def block_classes(model) -> set[type]:
 
 def fsdp_strategy(model, options: dict):
     """Lightning's FSDPStrategy with one FSDP unit per transformer block."""
-    from pytorch_lightning.strategies import FSDPStrategy
 
     blocks = block_classes(model)
     if not blocks:
@@ -83,13 +85,38 @@ def fsdp_strategy(model, options: dict):
 def full_state_dict(trainer: pl.Trainer) -> dict | None:
     """Under FSDP, the whole model's weights gathered on CPU (a collective: call on every rank),
     keyed like the LightningModule's state dict; None for other strategies (weights are local)."""
-    from pytorch_lightning.strategies import FSDPStrategy
 
     if not isinstance(trainer.strategy, FSDPStrategy):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(trainer.strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class Bf16Mixed(MixedPrecision):
+    """bf16 autocast that lets fused optimizers clip gradients.
+
+    Lightning's MixedPrecision refuses gradient clipping whenever the optimizer is fused, because
+    with fp16's GradScaler a fused optimizer unscales inside `step()`, after clipping would have
+    seen scaled gradients. bf16 has no scaler: the gradients are true gradients and clipping them
+    is correct, so the check is skipped here (fp16 keeps Lightning's behaviour).
+    """
+
+    def __init__(self, device: str):
+        super().__init__("bf16-mixed", device)
+
+    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
+        Precision.clip_gradients(self, optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+
+def _is_fsdp(strategy) -> bool:
+    return strategy == "fsdp" or isinstance(strategy, FSDPStrategy)
+
+
+def _autocast_device(accelerator: str) -> str:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
 
 
 def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per_token: float | None,
@@ -111,6 +138,10 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     if logger:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs.setdefault("check_val_every_n_epoch", None)  # validate every val_check_interval steps, across epochs
+    plugins: list = [AtomicCheckpointIO()]
+    if kwargs.get("precision") == "bf16-mixed" and not _is_fsdp(kwargs.get("strategy")):
+        plugins.append(Bf16Mixed(_autocast_device(str(kwargs.get("accelerator", "auto")))))
+        del kwargs["precision"]
     try:
         trainer = pl.Trainer(
             **kwargs,
@@ -120,7 +151,7 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
             enable_progress_bar=bool(progress) and interactive(),
             enable_model_summary=False,
             use_distributed_sampler=False,  # bigml's samplers shard by rank themselves (and can resume)
-            plugins=[AtomicCheckpointIO()],
+            plugins=plugins,
             # no_grad rather than inference_mode: metric states made in one validation must be
             # updatable in the next (trainer.validate before fit, then validation inside fit)
             inference_mode=False,
@@ -137,7 +168,6 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
 def replicas_identical(trainer: pl.Trainer, model) -> bool | None:
     """Under DDP, whether every process ended with the same weights (a cheap fingerprint per
     parameter, all-gathered). None with a single process, or when weights are sharded (FSDP)."""
-    from pytorch_lightning.strategies import FSDPStrategy
 
     if trainer.world_size <= 1 or isinstance(trainer.strategy, FSDPStrategy):
         return None
