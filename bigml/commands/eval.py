@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,23 @@ from bigml.run_dir import RunDir, is_global_zero_process
 log = logging.getLogger("bigml")
 
 
+_STARTED: list[float] = []
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     run_dir = RunDir.open(cfg)
+    _STARTED[:] = [run_dir.started]
     torch.manual_seed(int(cfg.seed))
     model, tokenizer, kind = load_model_for_eval(cfg.model.get("path"), cfg)
     log.info("model: %s (%s) | run directory: %s", cfg.model.path, kind, run_dir.path)
     report = evaluate_detailed(model, tokenizer, cfg, split=str(cfg.eval.get("split") or "auto"), kind=kind,
                                keep_rows=bool(cfg.eval.get("predictions")))
-    metrics: dict[str, Any] = {"command": "eval", "task": kind, "model": str(cfg.model.path), **report.metrics}
+    # metrics.json holds only what the model and data determine (two runs give identical files);
+    # the wall time goes to report.json
+    metrics: dict[str, Any] = {"command": "eval", "task": kind, "model": str(cfg.model.path), **report.metrics,
+                               "wall_time_s": None}
     write_report(run_dir.path, report, plot=bool(cfg.eval.get("plot", True)))
     if report.rows is not None:
         write_predictions(run_dir.path / "predictions.jsonl", report.rows)
@@ -53,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def write_report(path: Path, report: Report, plot: bool = True) -> None:
     if not is_global_zero_process():
         return
-    payload = {"task": report.kind, "metrics": report.metrics, "labels": report.label_names,
+    payload = {"task": report.kind, "wall_time_s": round(time.time() - _STARTED[0], 2) if _STARTED else None, "metrics": report.metrics, "labels": report.label_names,
                "per_class": report.per_class, "confusion_matrix": report.confusion}
     atomic_write_json(path / "report.json", payload)
     if plot and report.confusion is not None:
