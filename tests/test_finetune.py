@@ -246,4 +246,4 @@ def test_minilm_on_real_tweets(cli, tmp_path):
     assert r.code == 0, r.err
     m = metrics(run)
     assert m["labels"] == ["negative", "neutral", "positive"]
-    assert m["test_accuracy"] > 0.5, m
+    assert m["test_accuracy"] > 0.45 and m["val_loss"] < 1.05, m  # majority class 42%, chance loss 1.10
