@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchmetrics
 from torchmetrics import MeanMetric, Metric
 from torchmetrics import classification as C
 from torchmetrics import regression as R
@@ -155,8 +154,8 @@ class EntitySpans(Metric):
         return out
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        for p_row, t_row in zip(preds.tolist(), target.tolist()):
-            keep = [(p, t) for p, t in zip(p_row, t_row) if t != -100]
+        for p_row, t_row in zip(preds.tolist(), target.tolist(), strict=False):
+            keep = [(p, t) for p, t in zip(p_row, t_row, strict=False) if t != -100]
             gold = self.spans([self.id2tag[t] for _, t in keep])
             pred = self.spans([self.id2tag[p] for p, _ in keep])
             self.tp += len(gold & pred)
@@ -220,7 +219,7 @@ class Scorer:
         if k == "classification":
             loss = torch.nn.functional.cross_entropy(logits, labels.long())
             probs = logits.softmax(-1)
-            for name, metric in self.metrics.items():
+            for _name, metric in self.metrics.items():
                 metric.update(probs, labels.long())
             preds = probs.argmax(-1)
             n = labels.numel()
@@ -342,7 +341,7 @@ def _forward_kwargs(batch: dict, model) -> dict:
 
 def evaluate_task(model, tokenizer, cfg, kind: str, split: str = "test", keep_rows: bool = False,
                   encoded=None, raw_rows=None) -> Report:
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     from bigml.data import labeled
 
@@ -387,7 +386,7 @@ def evaluate_task(model, tokenizer, cfg, kind: str, split: str = "test", keep_ro
     if was_training:
         model.train()
     if rows is not None and raw_rows is not None:
-        for r, text in zip(rows, raw_rows["text"]):
+        for r, text in zip(rows, raw_rows["text"], strict=False):
             r["text"] = " ".join(text) if isinstance(text, list) else text
         rows = [{"text": r.pop("text"), **r} for r in rows]
     conf = scorer.confusion()
@@ -406,21 +405,21 @@ def _prediction_rows(kind, logits, preds, labels, names) -> list[dict[str, Any]]
     out = []
     if kind == "classification":
         probs = logits.softmax(-1)
-        for p, y, pr in zip(preds.tolist(), labels.tolist(), probs.tolist()):
+        for p, y, pr in zip(preds.tolist(), labels.tolist(), probs.tolist(), strict=False):
             out.append({"label": names[y], "predicted": names[p],
                         "probabilities": {names[i]: round(v, 6) for i, v in enumerate(pr)}})
     elif kind == "multilabel":
         probs = logits.sigmoid()
-        for p, y, pr in zip(preds.tolist(), labels.tolist(), probs.tolist()):
+        for p, y, pr in zip(preds.tolist(), labels.tolist(), probs.tolist(), strict=False):
             out.append({"label": [names[i] for i, v in enumerate(y) if v >= 0.5],
                         "predicted": [names[i] for i, v in enumerate(p) if v],
                         "probabilities": {names[i]: round(v, 6) for i, v in enumerate(pr)}})
     elif kind == "regression":
-        for p, y in zip(preds.tolist(), labels.reshape(-1).tolist()):
+        for p, y in zip(preds.tolist(), labels.reshape(-1).tolist(), strict=False):
             out.append({"label": y, "predicted": p, "probabilities": None})
     else:
         probs = logits.softmax(-1)
-        for p_row, y_row, pr_row in zip(preds.tolist(), labels.tolist(), probs.tolist()):
+        for p_row, y_row, pr_row in zip(preds.tolist(), labels.tolist(), probs.tolist(), strict=False):
             keep = [i for i, y in enumerate(y_row) if y != -100]
             out.append({"label": [names[y_row[i]] for i in keep], "predicted": [names[p_row[i]] for i in keep],
                         "probabilities": [round(max(pr_row[i]), 6) for i in keep]})
@@ -522,4 +521,4 @@ def check_gates(metrics: dict[str, Any], eval_cfg, prefix: str = "") -> list[str
 
 
 __all__ = ["KINDS", "Report", "Scorer", "check_gates", "evaluate_detailed", "evaluate_model", "infer_kind",
-           "load_model_for_eval", "torchmetrics"]
+           "load_model_for_eval"]

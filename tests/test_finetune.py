@@ -57,7 +57,7 @@ def test_pretrain_finetune_eval_chain(cli, pretrained, labeled_csv, tmp_path):
     with torch.no_grad():
         enc = tok([r["text"] for r in rows[:8]], padding=True, truncation=True, max_length=32, return_tensors="pt")
         probs = model(**enc).logits.softmax(-1)
-    for r, p in zip(rows[:8], probs):
+    for r, p in zip(rows[:8], probs, strict=False):
         assert model.config.id2label[int(p.argmax())] == r["predicted"]
         assert p[1].item() == pytest.approx(r["probabilities"]["pos"], abs=1e-4)
 
@@ -88,7 +88,7 @@ def test_lora_trains_few_parameters_and_merges(cli, pretrained, labeled_csv, tmp
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()][:8]
     with torch.no_grad():
         probs = model(**tok([r["text"] for r in rows], padding=True, return_tensors="pt")).logits.softmax(-1)
-    for r, p in zip(rows, probs):
+    for r, p in zip(rows, probs, strict=False):
         assert p[1].item() == pytest.approx(r["probabilities"]["pos"], abs=1e-4)
 
 
@@ -140,11 +140,11 @@ def test_folder_per_class_and_given_splits(cli, tmp_path):
 
 
 def test_carved_splits_are_stratified_and_fixed():
+    import tempfile
+
     from omegaconf import OmegaConf
 
     from bigml.data.labeled import read_labeled
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         path = make_labeled(Path(d) / "x.csv", n=200)

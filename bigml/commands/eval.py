@@ -116,6 +116,6 @@ def print_report(report: Report) -> None:
         c.add_column("")
         for name in report.label_names:
             c.add_column(name, justify="right")
-        for name, row in zip(report.label_names, report.confusion):
+        for name, row in zip(report.label_names, report.confusion, strict=False):
             c.add_row(name, *[str(v) for v in row])
         console.print(c)

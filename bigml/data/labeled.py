@@ -156,7 +156,7 @@ def _normalize(ds: datasets.Dataset, task: str, sep: str | None, where: str) -> 
         def to_words(b):
             words = [v if isinstance(v, list) else str(v).split() for v in b["text"]]
             tags = [[str(x) for x in v] if isinstance(v, list) else str(v).split() for v in b["label"]]
-            for i, (w, t) in enumerate(zip(words, tags)):
+            for i, (w, t) in enumerate(zip(words, tags, strict=False)):
                 if len(w) != len(t):
                     raise DataError(f"{where}: row {i} has {len(w)} words but {len(t)} tags; token labels need one tag per word")
             return {"text": words, "label": tags}
