@@ -109,3 +109,42 @@ def run_script(env):
         return Result(p.returncode, p.stdout, p.stderr)
 
     return call
+
+
+# -- labeled data for finetune / eval tests (appended) --------------------------------------------
+TINY_FT = ["model=bert-tiny", "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2",
+           "model.intermediate_size=64", "model.max_position_embeddings=64", "tokenizer.vocab_size=300",
+           "data=labeled", "data.batch_size=8", "data.max_length=32", "trainer.max_epochs=2", "logger=none",
+           "optimizer.lr=3e-3", "trainer.precision=32-true"]
+_POS = "good great nice lovely happy fine".split()
+_NEG = "bad awful poor sad ugly terrible".split()
+_FILL = "the a movie food day trip cat was is very so".split()
+
+
+def make_labeled(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """A CSV (text, label, score, tags, words, ner) a tiny model learns in a few epochs:
+    label pos/neg from sentiment words, score a number, tags a multilabel cell, ner BIO tags of words."""
+    import csv
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.choice(["pos", "neg"])
+        words = [rng.choice(_FILL) for _ in range(rng.randint(3, 7))]
+        for _ in range(2):
+            words.insert(rng.randint(0, len(words)), rng.choice(_POS if y == "pos" else _NEG))
+        tags = [y] + (["long"] if len(words) > 7 else [])
+        ner = ["B-POS" if w in _POS else "B-NEG" if w in _NEG else "O" for w in words]
+        rows.append({"text": " ".join(words), "label": y, "score": (1.0 if y == "pos" else -1.0) + rng.random() * 0.2,
+                     "tags": ",".join(tags), "ner": " ".join(ner)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def labeled_csv(tmp_path_factory) -> Path:
+    return make_labeled(tmp_path_factory.mktemp("labeled") / "data.csv")
