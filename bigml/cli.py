@@ -139,6 +139,8 @@ def _siblings(exc: BaseException, parent: str) -> list[str]:
 
 # Keys whose values are free text (prompts, stop strings): passed to Hydra quoted, so that what the
 # shell delivered arrives unchanged, whatever characters it holds ([ ] , = : ' " $ { } \ ...).
+# Commands that write only where the user says (generate: output=), so they get no run directory.
+NO_RUN_DIR = ("generate",)
 FREE_TEXT_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt", "stop")}
 
 
@@ -292,6 +294,12 @@ def run_command(command: str, args: list[str]) -> None:
         return float(value) if isinstance(value, (int, float)) else float("nan")
 
     args = quote_free_text(command, args)
+    scratch = None
+    if command in NO_RUN_DIR and not _override_value(args, "hydra.run.dir") and not any(a in ("-m", "--multirun") for a in args):
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"bigml-{command}-")  # Hydra wants a run directory; nothing is kept in it
+        args = [*args, f"hydra.run.dir={scratch}"]
     is_multirun = any(a in ("-m", "--multirun") for a in args) or _override_value(args, "hparams_search")
     flags = [a for a in args if a.startswith("-")]
     if is_multirun:
@@ -314,6 +322,10 @@ def run_command(command: str, args: list[str]) -> None:
         raise
     finally:
         sys.argv = original_argv
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
     if failures:
         raise failures[0]
     if sweep.LAST_SWEEP.get("failed"):

@@ -2,7 +2,8 @@
 
 Output contract: the text of a single prompt goes to stdout (streamed on a terminal), many prompts
 (or several sequences per prompt) go to JSONL (`output=` or stdout); logs and the speed summary go
-to stderr. No run directory is kept: generate writes only where `output=` says.
+to stderr. No run directory is kept (bigml/cli.py gives it a scratch one): generate writes only where
+`output=` says.
 """
 
 from __future__ import annotations
@@ -14,36 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
 from bigml.errors import ConfigError, DataError, UsageError
-from bigml.run_dir import discard_if_empty
 
 log = logging.getLogger("bigml")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    try:
-        return _run(cfg)
-    finally:
-        _discard_run_dir()
-
-
-def _discard_run_dir() -> None:
-    """Hydra made a run directory before the command started; generate leaves nothing in it."""
-    try:
-        out = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not under Hydra (called as a function)
-        return
-    if out.resolve() == Path.cwd().resolve():
-        return
-    discard_if_empty(out)
-    for parent in (out.parent, out.parent.parent):  # runs/generate, runs: only if they are empty now
-        try:
-            parent.rmdir()
-        except OSError:
-            break
+    """The CLI runs generate in a scratch Hydra directory that it removes afterwards (bigml/cli.py)."""
+    return _run(cfg)
 
 
 def _check(cfg: DictConfig) -> None:
