@@ -178,8 +178,8 @@ def _causal(cfg, model, tokenizer, records, single, field, stops, dtype, torch) 
                     sys.stdout.write(batch.completions[0][0] + "\n")
                     sys.stdout.flush()
                 continue
-            for rec, texts, counts, dropped in zip(chunk, batch.completions, batch.new_tokens, batch.truncated_tokens):
-                for j, (text, n) in enumerate(zip(texts, counts)):
+            for rec, texts, counts, dropped in zip(chunk, batch.completions, batch.new_tokens, batch.truncated_tokens, strict=True):
+                for j, (text, n) in enumerate(zip(texts, counts, strict=True)):
                     row = {**rec, "completion": text, "new_tokens": n, "seconds": round(batch.seconds, 4)}
                     if n_seq > 1:
                         row["sequence"] = j
@@ -243,7 +243,7 @@ def _fill_mask(cfg, model, tokenizer, records, single, field) -> dict[str, Any]:
     else:
         sink, is_file = _writer(cfg)
         try:
-            for rec, fills in zip(records, results):
+            for rec, fills in zip(records, results, strict=True):
                 sink.write(json.dumps({**rec, "fills": fills if len(fills) > 1 else fills[0]}, ensure_ascii=False) + "\n")
         finally:
             if is_file:
