@@ -24,20 +24,20 @@ log = logging.getLogger("bigml")
 
 
 def resolve_dtype(precision: str, device: str) -> torch.dtype:
-    """`auto`: bf16 where the hardware runs it natively (GPUs, AMX/AVX512-BF16 CPUs), else fp32.
+    """`auto`: bf16 (fp16 without bf16) on GPUs; fp32 on CPUs.
 
-    Weights are cast (not autocast): decoding is memory-bound, and bf16 weights halve the bytes read
-    per token. BENCHMARKS.md (section generate) has the measurements behind this default.
+    Weights are cast, not autocast. On the AMX CPU of BENCHMARKS.md (section generate) bf16 weights
+    decoded one token at a time *slower* than fp32 (the bf16 kernels pay off on big matmuls, as in
+    training, not on the batch-1 matrix-vector products of decoding), so CPU decoding stays fp32;
+    precision=bf16 asks for it anyway.
     """
-    from bigml.hardware import cpu_has_fast_bf16
-
     names = {"fp32": torch.float32, "32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "16": torch.float16, "float16": torch.float16}
     precision = str(precision)
     if precision == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return torch.float32
     if precision not in names:
         raise ConfigError("precision", f"unknown precision {precision!r}", "choose auto, fp32, bf16 or fp16")
     return names[precision]

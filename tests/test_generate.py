@@ -73,7 +73,7 @@ def test_greedy_prints_only_the_completion_and_is_deterministic(cli, models, env
     assert not (Path(env["BIGML_OUTPUT_ROOT"]) / "generate").exists()  # no run directory left behind
 
 
-@pytest.mark.parametrize("model, precision", [("char", "fp32"), ("char", "auto"), ("llama", "fp32"), ("llama", "auto")])
+@pytest.mark.parametrize("model, precision", [("char", "auto"), ("char", "bf16"), ("llama", "fp32"), ("llama", "bf16")])
 def test_greedy_is_token_identical_with_and_without_the_kv_cache(cli, models, tmp_path, model, precision):
     prompts = tmp_path / "p.txt"
     prompts.write_text("The cat\nA dog moves slowly under the\nOne bird\n")  # different lengths: left padding
