@@ -137,6 +137,76 @@ def _siblings(exc: BaseException, parent: str) -> list[str]:
     return []
 
 
+# Keys whose values are free text (prompts, stop strings): passed to Hydra quoted, so that what the
+# shell delivered arrives unchanged, whatever characters it holds ([ ] , = : ' " $ { } \ ...).
+# Commands that write only where the user says (generate: output=), so they get no run directory.
+NO_RUN_DIR = ("generate",)
+FREE_TEXT_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt", "stop")}
+
+
+def hydra_quote(text: str) -> str:
+    """`text` as a single-quoted Hydra override value that parses back to exactly `text`.
+
+    In Hydra's grammar a quoted value keeps everything literally except quotes (escaped with a
+    backslash), backslashes right before a quote or at the end (doubled), and `${...}`
+    interpolations, which OmegaConf reads unless the `$` is escaped as `\\${`.
+    """
+    out = []
+    i = 0
+    while i < len(text):
+        m = re.match(r"\\\\*", text[i:])
+        if m:  # a run of backslashes: doubled when a quote, `${` or the end follows
+            run = m.group(0)
+            nxt = text[i + len(run):]
+            doubled = nxt == "" or nxt.startswith(("'", "${"))
+            out.append(run * 2 if doubled else run)
+            i += len(run)
+            continue
+        ch = text[i]
+        if ch == "'":
+            out.append("\\'")
+        elif text.startswith("${", i):
+            out.append("\\$")
+        else:
+            out.append(ch)
+        i += 1
+    return "'" + "".join(out) + "'"
+
+
+def quote_free_text(command: str, args: list[str]) -> list[str]:
+    """Rewrite `prompt=<raw>` into `prompt='<escaped>'` for the command's free-text keys.
+
+    The value is taken as the shell delivered it (`prompt=null` stays null); `stop=["a","b"]` (a JSON
+    list of strings) becomes a Hydra list of quoted strings.
+    """
+    keys = FREE_TEXT_KEYS.get(command, ())
+    if not keys:
+        return args
+    import json
+
+    out = []
+    for a in args:
+        m = re.fullmatch(r"(\+{0,2})([\w.]+)=(.*)", a, re.S)
+        if not m or m.group(2) not in keys:
+            out.append(a)
+            continue
+        prefix, key, raw = m.groups()
+        if raw in ("null", "~"):
+            out.append(a)
+            continue
+        value = None
+        if raw.startswith("[") and raw.endswith("]"):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = None
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            out.append(f"{prefix}{key}=[{','.join(hydra_quote(v) for v in value)}]")
+        else:
+            out.append(f"{prefix}{key}={hydra_quote(raw)}")
+    return out
+
+
 def _override_value(overrides: list[str], key: str) -> str | None:
     value = None
     for o in overrides:
@@ -223,6 +293,13 @@ def run_command(command: str, args: list[str]) -> None:
         value = metrics.get(str(cfg.sweep.metric)) if isinstance(metrics, dict) else None
         return float(value) if isinstance(value, (int, float)) else float("nan")
 
+    args = quote_free_text(command, args)
+    scratch = None
+    if command in NO_RUN_DIR and not _override_value(args, "hydra.run.dir") and not any(a in ("-m", "--multirun") for a in args):
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"bigml-{command}-")  # Hydra wants a run directory; nothing is kept in it
+        args = [*args, f"hydra.run.dir={scratch}"]
     is_multirun = any(a in ("-m", "--multirun") for a in args) or _override_value(args, "hparams_search")
     flags = [a for a in args if a.startswith("-")]
     if is_multirun:
@@ -245,6 +322,10 @@ def run_command(command: str, args: list[str]) -> None:
         raise
     finally:
         sys.argv = original_argv
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
     if failures:
         raise failures[0]
     if sweep.LAST_SWEEP.get("failed"):

@@ -1,0 +1,245 @@
+"""Decoding with transformers' `generate`, measured: the pieces of `bigml generate`.
+
+Everything that decides *which* token comes next is transformers' (GenerationConfig: greedy,
+sampling, beam search, repetition penalty, stop strings, KV caches, compile). This module only
+prepares the prompts (chat template, left padding, truncation to the context), times the run
+(a streamer sees the first new token), trims stop strings, and streams text to a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
+
+from bigml.errors import ConfigError, UsageError
+
+log = logging.getLogger("bigml")
+
+
+def resolve_dtype(precision: str, device: str) -> torch.dtype:
+    """`auto`: bf16 (fp16 without bf16) on GPUs; fp32 on CPUs.
+
+    Weights are cast, not autocast. On the AMX CPU of BENCHMARKS.md (section generate) bf16 weights
+    decoded one token at a time *slower* than fp32 (the bf16 kernels pay off on big matmuls, as in
+    training, not on the batch-1 matrix-vector products of decoding), so CPU decoding stays fp32;
+    precision=bf16 asks for it anyway.
+    """
+    names = {"fp32": torch.float32, "32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "16": torch.float16, "float16": torch.float16}
+    precision = str(precision)
+    if precision == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision not in names:
+        raise ConfigError("precision", f"unknown precision {precision!r}", "choose auto, fp32, bf16 or fp16")
+    return names[precision]
+
+
+def context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def unescape(text: str) -> str:
+    r"""`\n`, `\t`, `\\` as typed in a shell become the characters (for stop strings)."""
+    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r").replace("\0", "\\")
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class TimingStreamer(BaseStreamer):
+    """Receives tokens from `generate` as they are produced: records when the first new token came
+    and, for a terminal, prints the text (held back while it could be the start of a stop string)."""
+
+    def __init__(self, tokenizer=None, out: TextIO | None = None, stops: list[str] | None = None):
+        self.tokenizer, self.out, self.stops = tokenizer, out, stops or []
+        self.first_token_at: float | None = None
+        self._seen_prompt = False
+        self._ids: list[int] = []
+        self._printed = 0
+        self._stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:  # the first call carries the prompt
+            self._seen_prompt = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.out is not None:
+            self._ids.extend(value.reshape(-1).tolist())
+            self._print(final=False)
+
+    def end(self) -> None:
+        if self.out is not None:
+            self._print(final=True)
+
+    def _print(self, final: bool) -> None:
+        if self._stopped:
+            return
+        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        text, self._stopped = cut_at_stop(text, self.stops)
+        if not final and not self._stopped:
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            text = text[: len(text) - hold] if hold else text
+            text = text.rstrip("\ufffd")  # an incomplete multi-byte character
+        if len(text) > self._printed:
+            self.out.write(text[self._printed:])
+            self.out.flush()
+            self._printed = len(text)
+
+
+@dataclass
+class Batch:
+    """The results of one `generate` call: completions[i][j] is sequence j of prompt i."""
+
+    completions: list[list[str]]
+    new_tokens: list[list[int]]
+    seconds: float
+    first_token_s: float | None
+    truncated_tokens: list[int] = field(default_factory=list)
+
+
+class Generator:
+    """A causal LM and its tokenizer, ready to decode batches of prompts."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gen_cfg: dict[str, Any],
+                 stops: list[str], chat: bool = False, prompt_overflow: str = "truncate", compile: bool = False):
+        self.model, self.tokenizer, self.stops, self.chat = model, tokenizer, stops, chat
+        self.prompt_overflow = prompt_overflow
+        tokenizer.padding_side = "left"  # decoder-only models continue from the last position
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise UsageError("chat=true: this tokenizer has no chat template; drop chat=true, or use a chat model")
+        self.max_new_tokens = int(gen_cfg["max_new_tokens"])
+        ctx = context_length(model.config)
+        if ctx is not None and self.max_new_tokens >= ctx:
+            raise ConfigError("max_new_tokens", f"{self.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {ctx} tokens", f"use at most {ctx - 1}")
+        self.prompt_budget = ctx - self.max_new_tokens if ctx is not None else None
+        # start from the model's own generation defaults (eos, bos), then apply ours
+        base = model.generation_config.to_dict() if getattr(model, "generation_config", None) else {}
+        for k in ("max_length", "min_length"):
+            base.pop(k, None)
+        config = GenerationConfig(**{**base, **gen_cfg})
+        config.pad_token_id = tokenizer.pad_token_id
+        if config.eos_token_id is None and tokenizer.eos_token_id is not None:
+            config.eos_token_id = tokenizer.eos_token_id
+        if stops:
+            config.stop_strings = stops
+        if compile:
+            from transformers import CompileConfig
+
+            config.cache_implementation = config.cache_implementation or "static"
+            compile_config = CompileConfig(mode="default" if model.device.type == "cpu" else "reduce-overhead")
+            compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
+            config.compile_config = compile_config
+        try:
+            config.validate(strict=True)
+        except ValueError as e:
+            raise UsageError(f"decoding settings: {str(e).splitlines()[0]}") from None
+        self.config = config
+
+    def encode(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Left-padded input ids; prompts over the budget lose tokens from the left (or fail)."""
+        if self.chat:
+            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                           add_generation_prompt=True) for p in prompts]
+        ids = self.tokenizer(prompts, add_special_tokens=not self.chat)["input_ids"]
+        dropped = []
+        for i, seq in enumerate(ids):
+            over = len(seq) - self.prompt_budget if self.prompt_budget is not None else 0
+            if over > 0 and self.prompt_overflow == "error":
+                raise UsageError(f"prompt {i + 1} has {len(seq)} tokens; with max_new_tokens={self.max_new_tokens} "
+                                 f"the model's context leaves room for {self.prompt_budget}; shorten it, lower "
+                                 f"max_new_tokens, or set prompt_overflow=truncate")
+            dropped.append(max(over, 0))
+            if over > 0:
+                ids[i] = seq[over:]
+        if any(len(seq) == 0 for seq in ids):
+            raise UsageError("a prompt is empty after tokenization; give some text")
+        batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return {k: v.to(self.model.device) for k, v in batch.items()}, dropped
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], stream_to: TextIO | None = None) -> Batch:
+        inputs, dropped = self.encode(prompts)
+        n_seq = int(self.config.num_return_sequences or 1)
+        streams = stream_to is not None and len(prompts) == 1 and n_seq == 1 and self.config.num_beams == 1
+        timer = TimingStreamer(self.tokenizer, stream_to if streams else None, self.stops)
+        beams = int(self.config.num_beams or 1) > 1  # transformers refuses streamers with beam search
+        t0 = time.perf_counter()
+        out = self.model.generate(**inputs, generation_config=self.config, tokenizer=self.tokenizer,
+                                  streamer=None if beams else timer)
+        seconds = time.perf_counter() - t0
+        if streams:
+            stream_to.write("\n")
+            stream_to.flush()
+        prompt_len = inputs["input_ids"].shape[1]
+        new = out[:, prompt_len:]
+        ends = set(self.config.eos_token_id if isinstance(self.config.eos_token_id, list) else [self.config.eos_token_id])
+        ends.add(self.config.pad_token_id)
+        completions: list[list[str]] = [[] for _ in prompts]
+        counts: list[list[int]] = [[] for _ in prompts]
+        for row in range(new.shape[0]):
+            toks = new[row].tolist()
+            n = next((i + 1 for i, t in enumerate(toks) if t in ends), len(toks))  # the end token counts
+            text, _ = cut_at_stop(self.tokenizer.decode(toks[:n], skip_special_tokens=True), self.stops)
+            completions[row // n_seq].append(text)
+            counts[row // n_seq].append(n)
+        ttft = timer.first_token_at - t0 if timer.first_token_at is not None else None
+        return Batch(completions, counts, seconds, ttft, dropped)
+
+
+def read_prompts(path: str, field_name: str = "prompt", stdin: TextIO | None = None) -> list[dict[str, Any]]:
+    """Records with a prompt: one per non-empty line of a text file, or per line of a JSONL file."""
+    import json
+    from pathlib import Path
+
+    from bigml.errors import DataError
+
+    if path == "-":
+        lines, where = (stdin or sys.stdin).read().splitlines(), "standard input"
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DataError(f"prompts_file={path}: no such file")
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"prompts_file={path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        where = str(p)
+    jsonl = path.endswith((".jsonl", ".json")) or (lines and lines[0].lstrip().startswith("{"))
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if jsonl:
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(field_name), str):
+                raise DataError(f"{where}, line {n}: no {field_name!r} string field; set prompt_field=... to the field "
+                                f"that holds the prompt")
+            records.append(rec)
+        else:
+            records.append({field_name: line})
+    if not records:
+        raise DataError(f"{where}: no prompts in it (empty lines are skipped)")
+    return records
