@@ -95,6 +95,11 @@ AdamW state for the frozen encoder); the forward pass and most of the backward p
 the whole encoder. Machine load average at the start: {load:.1f} on {os.cpu_count()} cores (a shared
 machine: absolute times are slow and noisy, the ratio is the figure to read).
 """
+    if n < 3750 and not a.quick:
+        text += ("\nThis run was shortened (`BENCH_FINETUNE_ROWS=" + str(n) + "`, " + f"{train_rows:,}" + " training tweets instead of 3,000) because the\n"
+                 "2-core machine was shared by four engineers' jobs; one epoch on so few tweets is only just above\n"
+                 "the majority class. `make bench BENCH=finetune` on an idle machine runs the full 3,750 rows\n"
+                 "(../shared/DATA.md measured ~100 s and ~74% accuracy for full finetuning at that size).\n")
     a.out.write_text(text)
 
 
