@@ -12,13 +12,16 @@ way bigml builds its own (vocab 8192, min frequency 2, `<|endoftext|>` as bos/eo
 
 The launcher is bigml's own interpreter (it needs only the stdlib and `tokenizers`); LitGPT runs
 from its own virtual environment, since its pins (torch, lightning, jsonargparse) differ from
-bigml's. Create that environment once (CPU torch; this is what was needed, nothing more):
+bigml's. Create that environment once:
 
     python3 -m venv .bench/litgpt
-    .bench/litgpt/bin/pip install torch==2.13.0 litgpt==0.5.13 litdata 'jsonargparse[signatures]'
+    .bench/litgpt/bin/pip install torch==2.13.0 litgpt==0.5.13 litdata
 
-(`litgpt pretrain` imports litdata for its TextFiles data module; jsonargparse[signatures] is the
-CLI; `requests`, `tokenizers` and `lightning` come in as litgpt's own dependencies.)
+That is all that is needed (checked with `pip install --dry-run --report`): litgpt brings
+jsonargparse[signatures] (its CLI), lightning, tokenizers and huggingface-hub; litdata (the
+TextFiles data module's chunk format) brings requests. Pin torch: litgpt asks only for torch>=2.7,
+and an unpinned install takes the newest CUDA build (2.14.1+cu130, 3 GB of nvidia wheels). Where
+pip has no local CPU wheel, add `--extra-index-url https://download.pytorch.org/whl/cpu`.
 
 The interpreter is --litgpt-python, else $BIGML_LITGPT_PYTHON, else .bench/litgpt/bin/python in
 this repository; when it is missing or cannot import litgpt the script exits with status 2.
@@ -65,6 +68,7 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -116,8 +120,7 @@ def find_litgpt(python: str | None) -> tuple[Path, Path]:
     """(interpreter, `litgpt` console script) of the LitGPT environment; exits 2 when unusable."""
     candidates = [python, os.environ.get("BIGML_LITGPT_PYTHON"), str(REPO / ".bench/litgpt/bin/python")]
     py = Path(next(c for c in candidates if c))
-    how = ("python3 -m venv .bench/litgpt && .bench/litgpt/bin/pip install torch==2.13.0 litgpt==0.5.13 "
-           "litdata 'jsonargparse[signatures]'")
+    how = "python3 -m venv .bench/litgpt && .bench/litgpt/bin/pip install torch==2.13.0 litgpt==0.5.13 litdata"
     if not py.exists():
         fail(f"no LitGPT interpreter at {py}; create it with `{how}` or pass --litgpt-python", 2)
     exe = py.parent / "litgpt"
@@ -269,10 +272,10 @@ def main() -> None:
         out = Path(tmp, "out")
         cmd = litgpt_command(exe, corpus, tok_dir, out, a.precision, a.steps, a.num_workers)
         if a.print_command:
-            print(" ".join(c if c.replace("/", "").replace("-", "").replace(".", "").replace("_", "").isalnum()
-                           else f"'{c}'" for c in cmd), file=sys.stderr)
+            print(shlex.join(cmd), file=sys.stderr)
+        # LitGPT's output never goes to our stdout: its last line must stay the figure.
         p = subprocess.run(cmd, env=litgpt_env(), cwd=tmp, text=True,
-                           stdout=None if a.verbose else subprocess.PIPE, stderr=subprocess.STDOUT)
+                           stdout=sys.stderr if a.verbose else subprocess.PIPE, stderr=subprocess.STDOUT)
         if p.returncode != 0:
             fail(f"`litgpt pretrain` failed ({p.returncode}):\n{(p.stdout or '')[-4000:]}")
         metrics = sorted(out.glob("logs/csv/version_*/metrics.csv"))
