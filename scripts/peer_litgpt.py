@@ -262,7 +262,11 @@ def main() -> None:
                     help="LitGPT dataloader workers (its TextFiles default is 4, too many for a 2-core machine)")
     ap.add_argument("--print-command", action="store_true", help="print the litgpt command line to stderr")
     ap.add_argument("--verbose", action="store_true", help="stream LitGPT's output to stderr")
+    ap.add_argument("--check", action="store_true", help="only check that LitGPT is installed (exit 0) or not (2)")
     a = ap.parse_args()
+    if a.check:
+        find_litgpt(a.litgpt_python)
+        return
     if a.steps <= WARMUP + 1:
         fail(f"--steps must exceed {WARMUP + 1}")
 
