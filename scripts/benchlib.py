@@ -33,8 +33,9 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
     bf16 = "bf16 matmul native (AMX/AVX512-BF16)" if cpu_has_fast_bf16() else "no native bf16"
+    load = f"; load average {os.getloadavg()[0]:.1f} when the section was written" if hasattr(os, "getloadavg") else ""
     return (f"{cpu_name()}, {cores} cores, {mem_gb:.0f} GiB, {gpu}, {bf16}; torch {torch.__version__}, "
-            f"Python {platform.python_version()}; {datetime.date.today().isoformat()}")
+            f"Python {platform.python_version()}; {datetime.date.today().isoformat()}{load}")
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> tuple[float, float]:
