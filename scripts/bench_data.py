@@ -109,7 +109,7 @@ def main() -> None:
             corpus = tmp / f"corpus{copies}"
             size = make_corpus(corpus, copies)
             env = {"BIGML_CACHE_DIR": str(tmp / f"cache{copies}"), "CI": "1"}
-            common = ["model=gpt-mini", f"data.path={corpus}", f"trainer.max_steps={steps}", "trainer.val_check_interval=1000",
+            common = ["pretrain", "model=gpt-mini", f"data.path={corpus}", f"trainer.max_steps={steps}", "trainer.val_check_interval=1000",
                       "logger=none", "checkpoint.every_n_steps=1000"]
             cold_rss, cold_wall, _ = peak_rss_of([*common, f"hydra.run.dir={tmp}/cold{copies}"], env)
             warm_rss, warm_wall, m = peak_rss_of([*common, f"hydra.run.dir={tmp}/warm{copies}"], env)
