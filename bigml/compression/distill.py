@@ -47,7 +47,7 @@ def named_student(name: str, teacher: nn.Module, kind: str, preset_cfg) -> nn.Mo
     """A randomly initialized `name` preset with the teacher's vocabulary, positions and labels."""
     from omegaconf import open_dict
 
-    from bigml.compression.storage import auto_class
+    from bigml.evaluation import auto_class
 
     t = teacher.config
     max_pos = t.to_dict().get("max_position_embeddings") or t.to_dict().get("n_positions")
@@ -56,7 +56,7 @@ def named_student(name: str, teacher: nn.Module, kind: str, preset_cfg) -> nn.Mo
             preset_cfg.max_position_embeddings = int(max_pos)
     special = {k: getattr(t, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
     config = architectures.hf_config_from_cfg(preset_cfg, int(t.vocab_size), special)
-    if kind in ("classifier", "token-classifier"):
+    if kind in ("classification", "multilabel", "regression", "token"):
         config.num_labels = t.num_labels
         config.id2label, config.label2id = dict(t.id2label), dict(t.label2id)
         config.problem_type = getattr(t, "problem_type", None)
@@ -89,7 +89,7 @@ class CompressionTraining(pl.LightningModule):
 
     def _batch(self, batch: Any) -> dict:
         if isinstance(batch, torch.Tensor):  # a packed-corpus block
-            if self.kind == "masked":
+            if self.kind == "masked_lm":
                 from bigml.models.language_model import mask_tokens
 
                 g = torch.Generator(device=batch.device).manual_seed(self.seed * 1_000_003 + self.global_step)
@@ -110,15 +110,20 @@ class CompressionTraining(pl.LightningModule):
             with torch.no_grad():
                 t_out = teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=want_hidden)
             s_logits, t_logits = out.logits.float(), t_out.logits.float()
-            if self.kind in ("causal", "masked", "token-classifier"):
+            if self.kind in ("causal_lm", "masked_lm", "token"):
                 labels = batch["labels"]
-                if self.kind == "causal":
+                if self.kind == "causal_lm":
                     s_logits, t_logits, labels = s_logits[:, :-1], t_logits[:, :-1], labels[:, 1:]
                 keep = labels != -100
                 s_logits, t_logits = s_logits[keep], t_logits[keep]
             T = self.temperature
-            kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
-                          reduction="batchmean") * T * T
+            if self.kind == "regression":  # no distribution to soften: match the teacher's values
+                kd = F.mse_loss(s_logits, t_logits)
+            elif self.kind == "multilabel":  # independent sigmoids
+                kd = F.binary_cross_entropy_with_logits(s_logits / T, torch.sigmoid(t_logits / T)) * T * T
+            else:
+                kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                              reduction="batchmean") * T * T
             loss = self.alpha * kd + (1 - self.alpha) * hard
             if want_hidden:
                 s_h, t_h = out.hidden_states, t_out.hidden_states

@@ -141,7 +141,15 @@ def quantized_tensors(model: nn.Module, names: list[str], scheme: str, backend: 
     return out
 
 
+def _import_torchao_quietly():
+    """torchao announces at import that optional CUDA/Triton kernels are missing; irrelevant on CPU."""
+    for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import torchao  # noqa: F401
+
+
 def _torchao_config(scheme: str):
+    _import_torchao_quietly()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 

@@ -35,35 +35,6 @@ QUANT_KEY = "bigml_quantization"  # in config.json: how the weights are quantize
 HISTORY_KEY = "bigml_compression"  # in config.json: the compression stages this model went through
 INT_SCHEMES = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
 
-_HEAD_SUFFIXES = {
-    "ForSequenceClassification": "classifier",
-    "ForTokenClassification": "token-classifier",
-    "ForCausalLM": "causal",
-    "ForMaskedLM": "masked",
-}
-
-
-def model_kind(config) -> str:
-    """classifier | token-classifier | causal | masked, from the saved architecture name."""
-    for arch in getattr(config, "architectures", None) or []:
-        for suffix, kind in _HEAD_SUFFIXES.items():
-            if arch.endswith(suffix):
-                return kind
-    return architectures.objective_of(config)  # a bare encoder/decoder: its LM objective
-
-
-def auto_class(kind: str):
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-    )
-
-    return {"classifier": AutoModelForSequenceClassification, "token-classifier": AutoModelForTokenClassification,
-            "causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[kind]
-
-
 def quantization_of(path: str | Path) -> dict | None:
     """The `bigml_quantization` entry of a model directory's config.json, if any."""
     f = Path(path).expanduser() / "config.json"
@@ -84,22 +55,34 @@ def check_model_dir(path: str, key: str = "model.path"):
 
 
 def load_model(path: str, key: str = "model.path") -> tuple[torch.nn.Module, str]:
-    """(model in eval mode, kind) from any HF directory, bigml-quantized ones included."""
+    """(model in eval mode, kind) from any HF directory, bigml-quantized ones included. `kind` is
+    bigml.evaluation's (classification, regression, token, causal_lm, masked_lm, ...)."""
+    from bigml.evaluation import infer_kind
+
     config = check_model_dir(path, key)
-    kind = model_kind(config)
+    kind = infer_kind(config)
+    return load_weights(str(Path(path).expanduser()), config, kind, key), kind
+
+
+def load_weights(path: str, config, kind: str, key: str = "model.path") -> torch.nn.Module:
+    """The model of a directory whose config is read: plain HF weights (fp32, or the saved bf16/fp16
+    of a cast), or bigml's int8/int4 format rebuilt by `quantize.materialize`."""
+    from bigml.evaluation import auto_class
+
     cls = auto_class(kind)
     quant = getattr(config, QUANT_KEY, None)
-    p = str(Path(path).expanduser())
-    if quant and quant.get("scheme") in INT_SCHEMES:
-        model = load_quantized(p, config, cls, quant)
-    else:
-        try:
-            # dtype="auto": a bf16/fp16 export stays bf16/fp16, everything else loads in its saved dtype
-            model = cls.from_pretrained(p, dtype="auto" if quant else torch.float32)
-        except Exception as e:
-            raise DataError(f"{key}={path}: could not load weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    try:
+        if quant and quant.get("scheme") in INT_SCHEMES:
+            model = load_quantized(path, config, cls, quant)
+        else:
+            # a bf16/fp16 export stays bf16/fp16 (that is its point); everything else loads in fp32
+            model = cls.from_pretrained(path, dtype="auto" if quant else torch.float32)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{key}={path}: could not load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     model.eval()
-    return model, kind
+    return model
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
