@@ -150,7 +150,7 @@ def train(cfg: DictConfig, run_dir: RunDir, name: str, student, kind: str, token
         c.trainer.max_steps = int(steps)
         c.trainer.max_epochs = None
         c.trainer.limit_val_batches = 0
-        c.trainer.val_check_interval = 1.0
+        c.trainer.val_check_interval = int(steps)  # with limit_val_batches=0: never validates
         c.trainer.num_sanity_val_steps = 0
         c.trainer.enable_checkpointing = False
     trainer, _ = build_trainer(c, run_dir.path / "train" / name, callbacks=[], flops_per_token=None, model=student)
