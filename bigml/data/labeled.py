@@ -441,12 +441,9 @@ def make_loader(ds: datasets.Dataset, tokenizer, task: str, batch_size: int, shu
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 
-def load_labeled(cfg, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
-                 model_config=None, need_train: bool = True) -> tuple[dict[str, datasets.Dataset], list[str]]:
-    """Tokenized splits of cfg.data for cfg.task (what finetune trains on; compress reuses it).
-
-    `label_names` fixes the label order (a model's id2label); by default it comes from the training split.
-    """
+def prepare_splits(cfg, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
+                   model_config=None, need_train: bool = True):
+    """(RawSplits, dict split -> tokenized Dataset, label names): load_labeled plus the raw rows."""
     task = str(cfg.task.name)
     raw = read_labeled(_data_cfg(cfg), task, int(cfg.seed), need_train=need_train)
     names = list(label_names) if label_names is not None else raw.label_names
@@ -459,6 +456,18 @@ def load_labeled(cfg, tokenizer, label_names: list[str] | None = None, splits=("
             continue
         check_labels(ds, task, label2id, f"data ({split} split)", "training" if label_names is None else "the model's labels")
         out[split] = encode(ds, tokenizer, task, label2id, max_length, where=f"data ({split} split)")
+    return raw, out, names
+
+
+def load_labeled(cfg, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
+                 model_config=None, need_train: bool = True) -> tuple[dict[str, datasets.Dataset], list[str]]:
+    """Tokenized splits of cfg.data for cfg.task (what finetune trains on; compress reuses it):
+    ({"train": ds, "val": ds, "test": ds}, label names). Rows hold input_ids, attention_mask,
+    (token_type_ids), labels, length; `make_loader` batches them with dynamic padding.
+
+    `label_names` fixes the label order (a model's id2label); by default it comes from the training split.
+    """
+    _, out, names = prepare_splits(cfg, tokenizer, label_names, splits, model_config, need_train)
     return out, names
 
 

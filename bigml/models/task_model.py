@@ -1,0 +1,157 @@
+"""The finetuning LightningModule: a transformers *ForSequenceClassification / *ForTokenClassification
+model, optionally with frozen parts and LoRA adapters (peft), scored with bigml.evaluation.Scorer.
+
+Only plain dicts and lists reach `save_hyperparameters`, so checkpoints never pickle live objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import pytorch_lightning as pl
+import torch
+from transformers import CONFIG_MAPPING
+
+from bigml.errors import ConfigError, DataError, TrainingDiverged
+from bigml.evaluation import Scorer, auto_class
+from bigml.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("bigml")
+PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": "multi_label_classification",
+                 "regression": "regression", "token": None}
+
+
+def head_kwargs(kind: str, label_names: list[str]) -> dict:
+    if kind == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    kw = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+          "label2id": {n: i for i, n in enumerate(label_names)}}
+    if PROBLEM_TYPES[kind]:
+        kw["problem_type"] = PROBLEM_TYPES[kind]
+    return kw
+
+
+def build_task_model(kind: str, label_names: list[str], init_path: str | None, hf_config: dict | None,
+                     pad_token_id: int | None):
+    auto = auto_class(kind)
+    kw = head_kwargs(kind, label_names)
+    if init_path:
+        try:
+            model = auto.from_pretrained(init_path, dtype=torch.float32, ignore_mismatched_sizes=True, **kw)
+        except Exception as e:
+            raise DataError(f"model.path={init_path}: could not load it with a {kind} head "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    else:
+        config = CONFIG_MAPPING[hf_config["model_type"]].from_dict({**hf_config, **kw})
+        model = auto.from_config(config, dtype=torch.float32)
+    if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # decoder classifiers find the last token by padding
+    return model
+
+
+def layer_list(model) -> torch.nn.ModuleList | None:
+    """The transformer blocks, in order (the ModuleList as long as num_hidden_layers)."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for m in model.base_model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+            return m
+    return None
+
+
+def freeze(model, embeddings: bool, first_layers: int) -> None:
+    if embeddings:
+        emb = model.get_input_embeddings()
+        owner = getattr(model.base_model, "embeddings", None) or emb
+        for p in owner.parameters():
+            p.requires_grad_(False)
+    if first_layers:
+        layers = layer_list(model)
+        if layers is None:
+            raise ConfigError("finetune.freeze_layers", f"cannot find the layers of {type(model).__name__}")
+        if first_layers > len(layers):
+            raise ConfigError("finetune.freeze_layers", f"{first_layers} exceeds the model's {len(layers)} layers")
+        for layer in layers[:first_layers]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+
+
+def apply_lora(model, kind: str, method: dict):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task_type = TaskType.TOKEN_CLS if kind == "token" else TaskType.SEQ_CLS
+    targets = method.get("target_modules")
+    config = LoraConfig(task_type=task_type, r=int(method.get("rank", 8)), lora_alpha=float(method.get("alpha", 16)),
+                        lora_dropout=float(method.get("dropout", 0.0)),
+                        target_modules=list(targets) if targets else None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError("method.target_modules", str(e).splitlines()[0][:200],
+                          "name modules of the model, e.g. method.target_modules=[query,value]") from None
+
+
+class TaskModel(pl.LightningModule):
+    def __init__(self, kind: str, label_names: list[str], optimizer: dict, scheduler: dict,
+                 init_path: str | None = None, hf_config: dict | None = None, pad_token_id: int | None = None,
+                 method: dict | None = None, freeze_embeddings: bool = False, freeze_layers: int = 0,
+                 class_weights: list[float] | None = None, threshold: float = 0.5):
+        super().__init__()
+        self.save_hyperparameters()
+        self.kind = kind
+        model = build_task_model(kind, label_names, init_path, hf_config, pad_token_id)
+        freeze(model, freeze_embeddings, int(freeze_layers))
+        method = method or {"name": "full"}
+        if method.get("name") == "lora":
+            model = apply_lora(model, kind, method)
+        elif method.get("name") != "full":
+            raise ConfigError("method", f"unknown method {method.get('name')!r}", "choose full or lora")
+        self.model = model
+        if class_weights is not None:
+            self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
+        else:
+            self.class_weights = None
+        self.scorer = Scorer(kind, label_names, threshold=threshold)
+        self._recent: deque[torch.Tensor] = deque(maxlen=20)
+        self.samples_seen = 0
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return logits.reshape(-1) if self.kind == "regression" else logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        F = torch.nn.functional
+        logits = logits.float()
+        if self.kind == "regression":
+            return F.mse_loss(logits, labels.float())
+        if self.kind == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
+                               weight=self.class_weights, ignore_index=-100)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch), batch["labels"])
+        if batch_idx % 10 == 0 and not torch.isfinite(loss):
+            raise TrainingDiverged(f"training diverged at step {self.global_step} (loss {loss.item()}); lower optimizer.lr")
+        self._recent.append(loss.detach())
+        self.samples_seen += int(batch["labels"].shape[0])
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def recent_train_loss(self) -> float | None:
+        return float(torch.stack(list(self._recent)).float().mean()) if self._recent else None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.scorer.update(self(batch), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.scorer.compute()
+        self.scorer.reset()
+        for k, v in values.items():
+            if k != "examples" and isinstance(v, float):
+                self.log(f"val_{k}", float(v), prog_bar=k in ("accuracy", "f1", "mse", "loss"))
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.hparams.optimizer, self.model)
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
