@@ -133,6 +133,13 @@ def test_quantize_int4_and_bf16_on_a_causal_lm(cli, tmp_path, causal_lm, corpus,
     assert m["metric"] == "perplexity" and m["after"]["perplexity"] > 0
     assert m["after"]["size_mb"] < m["before"]["size_mb"]
     assert m["after"]["perplexity"] < m["before"]["perplexity"] * 1.5
+    import torch
+
+    from bigml.models.architectures import load_lm  # the loader generation and continued pretraining use
+
+    lm = load_lm(str(run / "model"), "causal")
+    out = lm.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
     r = cli("generate", f"model.path={run / 'model'}", "prompt=the cat", "generate.max_new_tokens=4")
     assert r.code in (0, 2)  # generate is another engineer's command; when present it must load the model
     if r.code == 2:
