@@ -76,7 +76,6 @@ def variants_side_by_side(model_dir: Path, quick: bool) -> list[list[object]]:
     if not quick:
         variants["fp32 + torch.compile"] = base
         variants["int8 dynamic, torchao + torch.compile"] = variants["int8 dynamic, torchao (eager)"]
-        variants["int8 dynamic, torch.ao + torch.compile"] = variants["int8 dynamic, torch.ao (eager)"]
     models, notes = {}, {}
     for name, m in variants.items():
         if "compile" in name:
@@ -141,7 +140,7 @@ def main() -> int:
         return results[name]
 
     q = compress("quantize", ["method=quantize", "quantize.dtype=int8", "quantize.backend=auto"])
-    steps = 10 if quick else 600
+    steps = 10 if quick else 400
     d = compress("distill", ["method=distill", "distill.student=bert-mini", f"distill.steps={steps}", "distill.alpha=0.7",
                              "distill.temperature=2.0", "data.batch_size=32", "optimizer.lr=5e-4", "trainer.precision=bf16-mixed"])
     half_steps = 10 if quick else 200
