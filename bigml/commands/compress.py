@@ -220,6 +220,16 @@ def stage_prune(cfg, run_dir, index, model, kind, tokenizer) -> tuple[Any, None,
     return m, None, info
 
 
+def _check_student_size(name: str, teacher, kind: str) -> None:
+    from bigml.models.architectures import count_params
+
+    student = distill.named_student(name, teacher, kind, _preset(name))
+    t_params, s_params = count_params(teacher), count_params(student)
+    if s_params >= t_params:
+        raise UsageError(f"distill.student={name}: the student has {s_params:,} parameters, not fewer than the "
+                         f"teacher's {t_params:,}; choose a smaller preset or distill.student=half")
+
+
 def stage_distill(cfg, run_dir, index, model, kind, tokenizer) -> tuple[Any, None, dict]:
     from bigml.models.architectures import count_params
 
@@ -231,8 +241,7 @@ def stage_distill(cfg, run_dir, index, model, kind, tokenizer) -> tuple[Any, Non
         student = distill.named_student(name, model, kind, _preset(name))
     t_params, s_params = count_params(model), count_params(student)
     if s_params >= t_params:
-        raise UsageError(f"distill.student={name}: the student has {s_params:,} parameters, not fewer than the "
-                         f"teacher's {t_params:,}; choose a smaller preset or distill.student=half")
+        _check_student_size(name, model, kind)
     teacher = copy.deepcopy(model).float().eval()
     for prm in teacher.parameters():
         prm.requires_grad_(False)
@@ -298,6 +307,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         row["eval_time_s"] = round(time.perf_counter() - t0, 2)
         return row
 
+    if "distill" in methods and str(cfg.distill.student) != "half":  # refuse a too-large student before any work
+        _check_student_size(str(cfg.distill.student), model, kind)
     before = report(model, path)
     log.info("before: %s", _brief(before))
     history = list(getattr(model.config, storage.HISTORY_KEY, None) or [])
