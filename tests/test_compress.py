@@ -209,7 +209,7 @@ def test_chain_distill_prune_quantize_one_report(cli, tmp_path, classifier, labe
     m = r.metrics(run)
     assert m["methods"] == ["distill", "prune", "quantize"]
     assert [s["method"] for s in m["stages"]] == m["methods"]
-    for a, b in zip(m["stages"], m["stages"][1:]):
+    for a, b in zip(m["stages"], m["stages"][1:], strict=False):
         assert b["before"] == a["after"]
     assert m["before"] == m["stages"][0]["before"] and m["after"] == m["stages"][-1]["after"]
     assert (run / "stages" / "1-distill" / "config.json").exists()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bigml.atomic import atomic_directory
@@ -109,10 +108,11 @@ def train_loader(cfg: DictConfig, tokenizer, model, kind: str, batch_size: int):
         if cfg.data.get("kind") == "labeled":
             raise ConfigError("data", f"a {kind.replace('_', ' ')} trains on a text corpus, not labeled data",
                               "use data=python-stdlib | data=shakespeare | data=text data.path=<text files>")
+        from torch.utils.data import DataLoader
+
         from bigml.data import sources
         from bigml.data.labeled import model_max_length
         from bigml.data.packed import PackedBlocks, ResumableSampler, pack_corpus
-        from torch.utils.data import DataLoader
 
         files = sources.corpus_files(cfg.data)
         key = sources.fingerprint(cfg.data, files)
