@@ -117,11 +117,16 @@ def load_model_for_eval(model_path, cfg) -> tuple[Any, Any, str]:
         raise DataError(f"model.path={model_path}: no weights (model.safetensors / pytorch_model.bin) in the directory")
     tok_path = (cfg.get("tokenizer") or {}).get("path") if cfg.get("tokenizer") is not None else None
     tokenizer = load_tokenizer(str(tok_path or path), "tokenizer.path" if tok_path else "model.path")
-    try:
-        model = auto_class(kind).from_pretrained(path, dtype=torch.float32)
-    except Exception as e:
-        raise DataError(f"model.path={model_path}: could not load it as a {kind} model "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    from bigml.compression.storage import load_weights, quantization_of
+
+    if quantization_of(path):  # written by bigml compress (int8/int4 in bigml's format, or a bf16/fp16 cast)
+        model = load_weights(path, config, kind)
+    else:
+        try:
+            model = auto_class(kind).from_pretrained(path, dtype=torch.float32)
+        except Exception as e:
+            raise DataError(f"model.path={model_path}: could not load it as a {kind} model "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     model.eval()
     return model, tokenizer, kind
 

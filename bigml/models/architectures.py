@@ -96,6 +96,10 @@ def load_lm(path: str, objective: str) -> PreTrainedModel:
     """Load a language model for `objective` from an HF directory (missing heads are initialized)."""
     if not has_weights(path):
         raise DataError(f"model.path={path}: no weights (model.safetensors / pytorch_model.bin) in the directory")
+    from bigml.compression.storage import load_weights, quantization_of
+
+    if quantization_of(path):  # a `bigml compress` output: int8/int4 in bigml's format, or a bf16/fp16 cast
+        return load_weights(str(Path(path).expanduser()), read_config(path), "masked_lm" if objective == "masked" else "causal_lm")
     auto = AutoModelForMaskedLM if objective == "masked" else AutoModelForCausalLM
     try:
         return auto.from_pretrained(str(Path(path).expanduser()), dtype=torch.float32)

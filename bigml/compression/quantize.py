@@ -1,0 +1,256 @@
+"""Quantization: which library does what, and how the result is stored (see storage.py).
+
+    quantize.dtype=int8, backend torch.ao   torch.ao dynamic quantization of every Linear (int8
+                                            weights per output channel, activations quantized per
+                                            batch at run time). Deprecated upstream, but on CPUs
+                                            without torch.compile it is the fastest int8 path
+                                            (DESIGN.md: ~2x fp32 for a 6-layer BERT at 8 x 128).
+    quantize.dtype=int8, backend torchao    torchao Int8DynamicActivationInt8WeightConfig (or
+                                            Int8WeightOnlyConfig with quantize.weight_only=true)
+    quantize.dtype=int4                     torchao IntxWeightOnlyConfig(int4, groups of 32)
+    quantize.dtype=bf16 | fp16              a cast of every floating-point tensor
+
+backend=auto times the int8 candidates on the measurement shape and keeps the fastest.
+
+The integers are computed once (torch.ao's own observers, or a symmetric absmax rule for torchao
+schemes), saved, and every quantized model, also the one compress measures, is rebuilt from them
+by `materialize`: the reloaded model is bit-for-bit the one reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from bigml.errors import ConfigError
+
+log = logging.getLogger("bigml")
+
+DTYPES = ("int8", "int4", "bf16", "fp16")
+BACKENDS = ("auto", "torch.ao", "torchao")
+INT4_GROUP = 32
+
+
+def scheme_for(dtype: str, weight_only: bool) -> str:
+    if dtype == "int8":
+        return "int8-weight-only" if weight_only else "int8-dynamic"
+    if dtype == "int4":
+        return "int4-weight-only"
+    return dtype
+
+
+def check_options(dtype: str, backend: str, weight_only: bool) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError("quantize.dtype", f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    if backend not in BACKENDS:
+        raise ConfigError("quantize.backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    if backend == "torch.ao" and (dtype == "int4" or weight_only):
+        raise ConfigError("quantize.backend", "torch.ao has only dynamic int8 for Linear layers",
+                          "use quantize.backend=torchao for int4 or weight-only int8")
+
+
+# -- which modules ---------------------------------------------------------------------------------
+
+def conv1d_to_linear(model: nn.Module) -> None:
+    """GPT-2 writes its Linear layers as transformers' Conv1D (weight stored transposed); quantizers
+    only know nn.Linear, so they are swapped for equivalent Linears."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Conv1D):
+            lin = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.weight.t())
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+
+
+def target_linears(model: nn.Module, group: int | None = None) -> list[str]:
+    """Every nn.Linear except an output projection tied to the input embeddings (quantizing it would
+    untie and duplicate the vocabulary matrix). With `group`, only those whose input width it divides."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and not (tied and mod is out_emb):
+            if group and mod.in_features % group:
+                continue
+            names.append(name)
+    return names
+
+
+# -- the integers ----------------------------------------------------------------------------------
+
+def _absmax_int(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization: (ints, fp32 scales) per output row, or per `group` inputs of a row."""
+    qmax = 2 ** (bits - 1) - 1
+    rows = w.float().reshape(w.shape[0], -1, group) if group else w.float().unsqueeze(1)
+    scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-8) / qmax
+    q = torch.round(rows / scale).clamp(-qmax - 1, qmax).to(torch.int8)
+    return q.reshape(w.shape), scale.squeeze(-1) if group else scale.reshape(-1)
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def _unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    low, high = (p & 0xF).to(torch.int16) - 8, (p >> 4).to(torch.int16) - 8
+    return torch.stack([low, high], -1).reshape(p.shape[0], -1).to(torch.int8)
+
+
+def _dequantize(tensors: dict, name: str, scheme: str) -> torch.Tensor:
+    q = tensors[f"{name}.qweight"]
+    scales = tensors[f"{name}.scales"].float()
+    if scheme == "int4-weight-only":
+        q = _unpack_int4(q).float()
+        return (q.reshape(q.shape[0], scales.shape[1], -1) * scales.unsqueeze(-1)).reshape(q.shape)
+    zp = tensors.get(f"{name}.zero_points")
+    qf = q.float() - (zp.float().unsqueeze(1) if zp is not None else 0.0)
+    return qf * scales.unsqueeze(1)
+
+
+def quantized_tensors(model: nn.Module, names: list[str], scheme: str, backend: str) -> dict[str, torch.Tensor]:
+    """The tensors that replace each quantized Linear's weight on disk."""
+    out: dict[str, torch.Tensor] = {}
+    if backend == "torch.ao":
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=False)
+        for n in names:
+            w = q.get_submodule(n).weight()
+            out[f"{n}.qweight"] = w.int_repr().contiguous()
+            out[f"{n}.scales"] = w.q_per_channel_scales().float().contiguous()
+            out[f"{n}.zero_points"] = w.q_per_channel_zero_points().to(torch.int32).contiguous()
+        return out
+    bits, group = (4, INT4_GROUP) if scheme == "int4-weight-only" else (8, None)
+    for n in names:
+        qw, scale = _absmax_int(model.get_submodule(n).weight.detach(), bits, group)
+        out[f"{n}.qweight"] = _pack_int4(qw) if bits == 4 else qw.contiguous()
+        out[f"{n}.scales"] = scale.contiguous()
+    return out
+
+
+def _import_torchao_quietly():
+    """torchao announces at import that optional CUDA/Triton kernels are missing; irrelevant on CPU."""
+    for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import torchao  # noqa: F401
+
+
+def _torchao_config(scheme: str):
+    _import_torchao_quietly()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    if scheme == "int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    if scheme == "int8-weight-only":
+        return Int8WeightOnlyConfig()
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
+
+
+def materialize(model: nn.Module, tensors: dict[str, torch.Tensor], quant: dict) -> nn.Module:
+    """Turn a freshly built fp32 model into the saved quantized one, in place."""
+    scheme, backend, names = quant["scheme"], quant["backend"], list(quant["modules"])
+    if quant.get("conv1d"):
+        conv1d_to_linear(model)
+    suffixes = (".qweight", ".scales", ".zero_points")
+    plain = {k: v for k, v in tensors.items() if not k.endswith(suffixes)}
+    for n in names:
+        with torch.no_grad():
+            model.get_submodule(n).weight.copy_(_dequantize(tensors, n, scheme))
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    missing = [k for k in missing if not any(k == f"{n}.weight" for n in names)]
+    tied = {k for k in missing if k.endswith(("lm_head.weight", "decoder.weight", "decoder.bias"))}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"quantized checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if backend == "torch.ao":
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
+            for n in names:
+                mod = model.get_submodule(n)
+                w = torch._make_per_channel_quantized_tensor(
+                    tensors[f"{n}.qweight"], tensors[f"{n}.scales"].double(), tensors[f"{n}.zero_points"].long(), 0)
+                mod.set_weight_bias(w, mod.bias())
+        else:
+            from torchao.quantization import quantize_
+
+            wanted = set(names)
+            quantize_(model, _torchao_config(scheme), filter_fn=lambda m, fqn: fqn in wanted)
+    return model
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+def plan(model: nn.Module, dtype: str, weight_only: bool, backend: str) -> dict:
+    """The marker that goes into config.json (`bigml_quantization`), before any tensor is computed."""
+    from transformers.pytorch_utils import Conv1D
+
+    from bigml.models.architectures import count_params
+
+    scheme = scheme_for(dtype, weight_only)
+    marker = {"scheme": scheme, "params": count_params(model)}
+    if scheme in ("bf16", "fp16"):
+        return marker
+    marker["conv1d"] = any(isinstance(m, Conv1D) for m in model.modules())
+    marker["backend"] = backend
+    return marker
+
+
+def quantize_for_save(model: nn.Module, marker: dict) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """(the model to call save_pretrained on, the state dict to save, or None for its own)."""
+    scheme = marker["scheme"]
+    if scheme in ("bf16", "fp16"):
+        return model.to(torch.bfloat16 if scheme == "bf16" else torch.float16), None
+    if marker.get("conv1d"):
+        conv1d_to_linear(model)
+    names = target_linears(model, INT4_GROUP if scheme == "int4-weight-only" else None)
+    if not names:
+        raise ConfigError("quantize.dtype", f"{scheme}: the model has no Linear layer this scheme applies to")
+    marker["modules"] = names
+    qt = quantized_tensors(model, names, scheme, marker["backend"])
+    sd = {k: v for k, v in model.state_dict().items() if k not in {f"{n}.weight" for n in names}}
+    sd.update(qt)
+    return model, sd
+
+
+def pick_backend(model_factory, example: dict, candidates: list[str], scheme: str, repeats: int = 3) -> tuple[str, dict]:
+    """backend=auto: time each candidate's forward on the measurement batch; the fastest wins."""
+    import copy
+
+    timings = {}
+    base = model_factory()
+    for backend in candidates:
+        m = copy.deepcopy(base)
+        marker = {"scheme": scheme, "backend": backend, "conv1d": any(type(x).__name__ == "Conv1D" for x in m.modules())}
+        _, sd = quantize_for_save(m, marker)
+        fresh = copy.deepcopy(base)
+        materialize(fresh, sd, marker)
+        fresh.eval()
+        with torch.inference_mode():
+            fresh(**example)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fresh(**example)
+                times.append(time.perf_counter() - t0)
+        timings[backend] = sorted(times)[len(times) // 2] * 1000
+        log.info("quantize: backend %s runs the measurement batch in %.1f ms", backend, timings[backend])
+    return min(timings, key=timings.get), timings
