@@ -29,7 +29,6 @@ machines are shared and absolute times drift by 10-20% between runs.
 def main(argv: list[str]) -> int:
     names = argv or [p.stem.removeprefix("bench_") for p in sorted((REPO / "scripts").glob("bench_*.py"))]
     target = REPO / "BENCHMARKS.md"
-    text = target.read_text() if target.exists() else HEADER
     failed = []
     for name in names:
         script = REPO / "scripts" / f"bench_{name}.py"
@@ -41,6 +40,7 @@ def main(argv: list[str]) -> int:
                 failed.append(name)
                 continue
             section = f"<!-- bench:{name} -->\n{out.read_text().strip()}\n\n_Machine: {machine()}_\n<!-- /bench:{name} -->"
+        text = target.read_text() if target.exists() else HEADER  # re-read: others may have written meanwhile
         pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
         text = pattern.sub(lambda _, s=section: s, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
         target.write_text(text)
