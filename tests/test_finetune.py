@@ -139,6 +139,15 @@ def test_folder_per_class_and_given_splits(cli, tmp_path):
     assert m["labels"] == ["neg", "pos"]
 
 
+def test_max_steps_shorter_than_an_epoch_still_validates_and_keeps_the_best(cli, labeled_csv, tmp_path):
+    # per-epoch validation would never run before max_steps: bigml validates at the last step instead
+    r = finetune(cli, tmp_path / "run", f"data.path={labeled_csv}", "trainer.max_steps=3", "trainer.max_epochs=null")
+    assert r.code == 0, r.err
+    m = metrics(tmp_path / "run")
+    assert m["step"] == 3 and "val_accuracy" in m
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
+
+
 def test_carved_splits_are_stratified_and_fixed():
     import tempfile
 

@@ -104,6 +104,17 @@ def class_weights(cfg, encoded_train, names: list[str]) -> list[float] | None:
     return [n / (k * max(counts.get(i, 0), 1)) for i in range(k)]
 
 
+def _validate_before_max_steps(cfg: DictConfig, batches_per_epoch: int) -> None:
+    """With `trainer.max_steps` shorter than an epoch, a per-epoch validation (val_check_interval
+    as a fraction) would never run, leaving early stopping and the best checkpoint without their
+    metric: validate at the last step instead."""
+    max_steps = int(cfg.trainer.get("max_steps") or -1)
+    interval = cfg.trainer.get("val_check_interval", 1.0)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    if max_steps > 0 and isinstance(interval, float) and max_steps * accumulate < interval * batches_per_epoch:
+        cfg.trainer.val_check_interval = max_steps * accumulate
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     kind = str(cfg.task.name)
     if kind not in labeled.TASKS:
@@ -157,6 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpts = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.get("every_n_steps", 1000)),
                                  int(cfg.checkpoint.get("keep", 1)), monitor=f"val_{metric}", mode=mode)
     stop = EarlyStopping(monitor=f"val_{metric}", mode=mode, patience=int(cfg.finetune.early_stopping.patience))
+    _validate_before_max_steps(cfg, len(train_loader))
     trainer, meter = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model)
     log.info("model: %s | %s parameters, %s trainable (%.2f%%, %s) | precision %s | run directory: %s",
              cfg.model.get("path") or cfg.model.get("name"), f"{n_params:,}", f"{n_train:,}", 100 * n_train / n_params,
