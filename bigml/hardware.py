@@ -36,10 +36,28 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 run bf16 matmuls natively (~3x fp32 on the Xeons measured in BENCHMARKS.md);
-    without them bf16 is emulated and slower than fp32."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    """Whether bf16 matmuls beat fp32 on this CPU, the condition for bf16 autocast to pay off.
+
+    AMX (Sapphire Rapids and later) runs them ~3x faster than fp32: yes without measuring.
+    AVX512-BF16 alone is not enough: on such a 2-core Xeon bf16 matmuls measured 0.6x fp32, and
+    pretraining in bf16 ran 1.5x slower (BENCHMARKS.md), so there a quick matmul race decides.
+    Without either, bf16 is emulated and slower.
+    """
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    if "avx512_bf16" not in flags:
+        return False
+    import torch
+
+    fp32 = bf16 = 0.0
+    for _ in range(2):  # interleaved, best of each: other jobs on the machine slow both alike
+        fp32 = max(fp32, measure_cpu_peak_flops(torch.float32, n=1024, seconds=0.1))
+        bf16 = max(bf16, measure_cpu_peak_flops(torch.bfloat16, n=1024, seconds=0.1))
+    log.debug("bf16 matmul %.0f GFLOP/s vs fp32 %.0f GFLOP/s", bf16 / 1e9, fp32 / 1e9)
+    return bf16 > 1.2 * fp32
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

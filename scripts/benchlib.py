@@ -32,7 +32,10 @@ def machine() -> str:
     cores = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
-    bf16 = "bf16 matmul native (AMX/AVX512-BF16)" if cpu_has_fast_bf16() else "no native bf16"
+    from bigml.hardware import cpu_flags
+
+    native = "AMX" if "amx_bf16" in cpu_flags() else "AVX512-BF16, no AMX" if "avx512_bf16" in cpu_flags() else "no bf16 instructions"
+    bf16 = f"{native}: bf16 {'faster' if cpu_has_fast_bf16() else 'not faster'} than fp32 (precision=auto picks {'bf16-mixed' if cpu_has_fast_bf16() else '32-true'})"
     load = f"; load average {os.getloadavg()[0]:.1f} when the section was written" if hasattr(os, "getloadavg") else ""
     return (f"{cpu_name()}, {cores} cores, {mem_gb:.0f} GiB, {gpu}, {bf16}; torch {torch.__version__}, "
             f"Python {platform.python_version()}; {datetime.date.today().isoformat()}{load}")
