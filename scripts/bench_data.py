@@ -5,17 +5,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import parser, table  # noqa: E402
+from benchlib import parser, peak_rss_of, table  # noqa: E402
 
 
 def stdlib_files() -> list[Path]:
@@ -34,40 +30,6 @@ def make_corpus(root: Path, copies: int) -> int:
             (root / f"c{c}_{i:04d}.txt").write_text(text)
             total += len(text.encode())
     return total
-
-
-def peak_rss_of(cmd_args: list[str], env: dict) -> tuple[float, float, dict]:
-    """Run bigml, sampling the process's resident memory; (peak MiB, wall s, metrics)."""
-    import subprocess
-
-    import psutil
-
-    exe = shutil.which("bigml", path=str(Path(sys.executable).parent))
-    t0 = time.perf_counter()
-    p = subprocess.Popen([exe, *cmd_args], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    proc = psutil.Process(p.pid)
-    stop = False
-
-    def sample():
-        nonlocal peak
-        while not stop:
-            try:
-                peak = max(peak, proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    _, err = p.communicate()
-    stop = True
-    th.join()
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(err[-3000:])
-    run_dir = next(a.split("=", 1)[1] for a in cmd_args if a.startswith("hydra.run.dir="))
-    return peak / 2**20, wall, json.loads(Path(run_dir, "metrics.json").read_text())
 
 
 def tokenize_throughput(tmp: Path) -> list[list]:

@@ -8,49 +8,13 @@ Both variants run the same command line (one epoch, the same rows, max_length, b
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import parser, table  # noqa: E402
-
-
-def run_bigml(args: list[str], env: dict) -> tuple[float, float, dict]:
-    """(peak RSS MiB, wall s, metrics) of one `bigml finetune` process."""
-    import psutil
-
-    exe = shutil.which("bigml", path=str(Path(sys.executable).parent)) or "bigml"
-    t0 = time.perf_counter()
-    p = subprocess.Popen([exe, "finetune", *args], env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    proc, peak, stop = psutil.Process(p.pid), 0, False
-
-    def sample():
-        nonlocal peak
-        while not stop:
-            try:
-                peak = max(peak, proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    _, err = p.communicate()
-    stop = True
-    th.join()
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(err[-3000:])
-    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
-    return peak / 2**20, wall, json.loads(Path(run_dir, "metrics.json").read_text())
+from benchlib import parser, peak_rss_of, table  # noqa: E402
 
 
 def main() -> None:
@@ -71,7 +35,7 @@ def main() -> None:
                     ("LoRA r=8 (query, value)", ["method=lora", "optimizer.lr=1e-3"])]
         for name, extra in variants:
             args = [*common, *extra, f"hydra.run.dir={tmp}/{name.split()[0]}"]
-            rss, wall, m = run_bigml(args, env)
+            rss, wall, m = peak_rss_of(["finetune", *args], env)
             rows.append([name, f"{m['trainable_params']:,} ({100 * m['trainable_share']:.2f}%)", f"{wall:.0f}",
                          f"{m['train_time_s']:.0f}", f"{m['samples_per_sec']:.1f}", f"{m['val_accuracy']:.3f}",
                          f"{m['test_accuracy']:.3f}", f"{m['test_f1_macro']:.3f}", f"{rss:.0f}"])

@@ -80,3 +80,38 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="markdown file for this benchmark's section")
     p.add_argument("--quick", action="store_true", help="fewer steps/repeats: check the script runs")
     return p
+
+
+def peak_rss_of(cmd_args: list[str], env: dict | None = None) -> tuple[float, float, dict]:
+    """Run `bigml <cmd_args>` (which must set hydra.run.dir=), sampling its resident memory every
+    50 ms; (peak MiB, wall seconds, the run's metrics.json)."""
+    import json
+    import threading
+
+    import psutil
+
+    exe = shutil.which("bigml", path=str(Path(sys.executable).parent)) or "bigml"
+    t0 = time.perf_counter()
+    p = subprocess.Popen([exe, *cmd_args], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    proc, peak, stop = psutil.Process(p.pid), 0, False
+
+    def sample():
+        nonlocal peak
+        while not stop:
+            try:
+                peak = max(peak, proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    _, err = p.communicate()
+    stop = True
+    th.join()
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(err[-3000:])
+    run_dir = next(a.split("=", 1)[1] for a in cmd_args if a.startswith("hydra.run.dir="))
+    return peak / 2**20, wall, json.loads(Path(run_dir, "metrics.json").read_text())
