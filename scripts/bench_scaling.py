@@ -41,6 +41,7 @@ def main() -> None:
             _, m = run(tmp, f"size-{len(sizes)}", *args, f"trainer.max_steps={steps}", "trainer.val_check_interval=1000",
                        "trainer.limit_val_batches=2", "logger=none")
             sizes.append([label, f"{m['params'] / 1e6:.1f}M", f"{m['tokens_per_sec']:.0f}", f"{m['mfu'] * 100:.1f}%"])
+            precision = m["precision"]
 
         linear = []
         for n in ((10, 20) if a.quick else (100, 200, 400)):
@@ -52,12 +53,12 @@ def main() -> None:
 
 **The main job** (issue: under 3 minutes on 2 cores with validation loss clearly below its start).
 Wall time of the whole command from a cold cache (tokenizer training and corpus packing
-included), default settings (300 steps of 32 x 128 tokens, precision auto = bf16-mixed here):
+included), default settings (300 steps of 32 x 128 tokens, precision auto = {precision} here):
 
 {table(["command", "wall s", "train s", "val loss start", "val loss end", "tokens/s"], defaults)}
 
-**Model sizes** (`bigml pretrain <model args> trainer.max_steps={steps}`, bf16-mixed, MFU against
-the measured bf16 matmul peak of this CPU):
+**Model sizes** (`bigml pretrain <model args> trainer.max_steps={steps}`, {precision}, MFU against
+the best matmul FLOP/s measured on this CPU in that precision):
 
 {table(["model", "params", "tokens/s", "MFU"], sizes)}
 
