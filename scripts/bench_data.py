@@ -38,22 +38,23 @@ def tokenize_throughput(tmp: Path) -> list[list]:
     from bigml.data import sources
     from bigml.data.packed import pack_corpus
     from bigml.data.tokenizer import train_or_load
+    from bigml.tasks import get_task
 
     rows = []
     conf = str(Path(__file__).resolve().parents[1] / "conf")
-    for model, kind in (("gpt-tiny", "bpe"), ("bert-tiny", "wordpiece")):
+    for model, kind, task_name in (("gpt-tiny", "bpe", "causal_lm"), ("bert-tiny", "wordpiece", "masked_lm")):
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
             cfg = compose("pretrain", overrides=[f"model={model}", f"cache_dir={tmp / kind}"])
         files = sources.corpus_files(cfg.data)
         mb = sum(f.stat().st_size for f in files) / 1e6
         key = sources.fingerprint(cfg.data, files)
-        objective = "masked" if kind == "wordpiece" else "causal"
+        task = get_task(task_name)
         ds = sources.load_documents(cfg.data, files)
         t0 = time.perf_counter()
-        tok, _ = train_or_load(cfg.tokenizer, objective, key, lambda ds=ds: (t for t in ds["text"]), str(cfg.cache_dir), 512)
+        tok, _ = train_or_load(cfg.tokenizer, task, key, lambda ds=ds: (t for t in ds["text"]), str(cfg.cache_dir), 512)
         t_tok = time.perf_counter() - t0
         t0 = time.perf_counter()
-        info, _ = pack_corpus(cfg.data, tok, objective, lambda ds=ds: ds, key, str(cfg.cache_dir), 0, 0.05)
+        info, _ = pack_corpus(cfg.data, tok, task, lambda ds=ds: ds, key, str(cfg.cache_dir), 0, 0.05)
         t_pack = time.perf_counter() - t0
         rows.append([kind, f"{mb:.1f}", f"{t_tok:.1f}", f"{mb / t_tok:.1f}", f"{t_pack:.1f}", f"{mb / t_pack:.1f}",
                      f"{info.n_tokens:,}"])

@@ -39,11 +39,11 @@ def _compose(overrides: list[str]):
 def _data_and_model(precision: str):
     """The exact tokenizer, packed corpus and model bigml builds for SHAPE."""
     from bigml.commands.pretrain import prepare
-    from bigml.models import architectures
+    from bigml.models.loading import build_model
 
     cfg = _compose(SHAPE)
-    objective, tokenizer, info, hf_config = prepare(cfg)
-    model = architectures.build_lm(hf_config, objective)
+    task, tokenizer, info, hf_config = prepare(cfg)
+    model = build_model(hf_config, task)
     return cfg, info, model
 
 

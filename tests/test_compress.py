@@ -135,9 +135,9 @@ def test_quantize_int4_and_bf16_on_a_causal_lm(cli, tmp_path, causal_lm, corpus,
     assert m["after"]["perplexity"] < m["before"]["perplexity"] * 1.5
     import torch
 
-    from bigml.models.architectures import load_lm  # the loader generation and continued pretraining use
+    from bigml.models.loading import load_model  # the loader every command uses
 
-    lm = load_lm(str(run / "model"), "causal")
+    lm, _ = load_model(str(run / "model"), "causal_lm")
     out = lm.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
     r = cli("generate", f"model.path={run / 'model'}", "prompt=the cat", "max_new_tokens=4")

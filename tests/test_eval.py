@@ -144,8 +144,8 @@ def test_evaluate_model_api_on_a_quantized_model(models, labeled_csv):
 
     with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
         cfg = compose("eval", [f"model.path={models['cls']}", f"data.path={labeled_csv}", "eval.batch_size=64"])
-    model, tok, kind = load_model_for_eval(cfg.model.path, cfg)
-    assert kind == "classification"
+    model, tok, task = load_model_for_eval(cfg.model.path, cfg)
+    assert task.name == "classification"
     before = evaluate_model(model, tok, cfg, split="all")
     q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     after = evaluate_model(q, tok, cfg, split="all")

@@ -154,12 +154,13 @@ def test_carved_splits_are_stratified_and_fixed():
     from omegaconf import OmegaConf
 
     from bigml.data.labeled import read_labeled
+    from bigml.tasks import get_task
 
     with tempfile.TemporaryDirectory() as d:
         path = make_labeled(Path(d) / "x.csv", n=200)
         cfg = OmegaConf.create({"name": "labeled", "kind": "labeled", "path": str(path), "text_column": "text",
                                 "label_column": "label", "val_fraction": 0.1, "test_fraction": 0.2})
-        a, b = read_labeled(cfg, "classification", 7), read_labeled(cfg, "classification", 7)
+        a, b = read_labeled(cfg, get_task("classification"), 7), read_labeled(cfg, get_task("classification"), 7)
         assert a.test["text"] == b.test["text"] and len(a.test) == 40 and len(a.val) == 16
         share = sum(y == "pos" for y in a.test["label"]) / len(a.test)
         full = sum(y == "pos" for y in a.all["label"]) / len(a.all)

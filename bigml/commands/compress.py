@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bigml.atomic import atomic_directory
 from bigml.compression import distill, measure, prune, quantize, storage
-from bigml.errors import ConfigError, DataError, UsageError
+from bigml.errors import ConfigError, UsageError
 from bigml.run_dir import RunDir
+from bigml.tasks import Task
 
 log = logging.getLogger("bigml")
 METHODS = ("quantize", "prune", "distill")
-LM_KINDS = ("causal_lm", "masked_lm")
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -87,64 +87,20 @@ def check_options(cfg: DictConfig, methods: list[str]) -> None:
 
 # -- data and scoring (bigml.evaluation and bigml.data.labeled: the same code as bigml eval / finetune) --
 
-def score(model, tokenizer, cfg: DictConfig, kind: str) -> dict[str, float]:
+def score(model, tokenizer, cfg: DictConfig, task: Task) -> dict[str, float]:
     """The task metric(s), exactly as `bigml eval` computes them. The one seam to the eval code."""
     from bigml.evaluation import evaluate_model
 
-    return evaluate_model(model, tokenizer, cfg, split=str(cfg.eval.get("split") or "test"), kind=kind)
+    return evaluate_model(model, tokenizer, cfg, split=str(cfg.eval.get("split") or "test"), task=task)
 
 
-def _with_task(cfg: DictConfig, kind: str) -> DictConfig:
-    c = copy.deepcopy(cfg)
-    with open_dict(c):
-        c.task.name = kind
-    return c
-
-
-def train_loader(cfg: DictConfig, tokenizer, model, kind: str, batch_size: int):
-    """Training batches for distillation / recovery: labeled rows (finetune's loader) for task
-    models, packed corpus blocks for language models."""
-    if kind in LM_KINDS:
-        if cfg.data.get("kind") == "labeled":
-            raise ConfigError("data", f"a {kind.replace('_', ' ')} trains on a text corpus, not labeled data",
-                              "use data=python-stdlib | data=shakespeare | data=text data.path=<text files>")
-        from torch.utils.data import DataLoader
-
-        from bigml.data import sources
-        from bigml.data.labeled import model_max_length
-        from bigml.data.packed import PackedBlocks, ResumableSampler, pack_corpus
-
-        files = sources.corpus_files(cfg.data)
-        key = sources.fingerprint(cfg.data, files)
-        block = int(cfg.data.get("block_size") or 128)
-        limit = model_max_length(tokenizer, model.config)
-        block = min(block, limit) if limit else block
-        info, _ = pack_corpus(cfg.data, tokenizer, "masked" if kind == "masked_lm" else "causal",
-                              lambda: sources.load_documents(cfg.data, files), key, str(cfg.cache_dir),
-                              int(cfg.seed), float(cfg.data.get("val_fraction") or 0.05))
-        blocks = PackedBlocks(info, 0, info.n_train, block)
-        if len(blocks) < batch_size:
-            raise DataError(f"data: {len(blocks)} training blocks of {block} tokens, fewer than a batch of {batch_size}")
-        return DataLoader(blocks, batch_size=batch_size, sampler=ResumableSampler(len(blocks), int(cfg.seed)), drop_last=True)
-    if cfg.data.get("kind") != "labeled":
-        raise ConfigError("data", f"a {kind} model trains on labeled data", "use data=tweets | data=labeled data.path=<file>")
-    from bigml.data import labeled
-    from bigml.evaluation import model_label_names
-
-    names = model_label_names(model, kind)
-    splits, _ = labeled.load_labeled(_with_task(cfg, kind), tokenizer, label_names=names or None, splits=("train",),
-                                     model_config=model.config)
-    return labeled.make_loader(splits["train"], tokenizer, kind, batch_size, shuffle=True,
-                               group_by_length=bool(cfg.data.get("group_by_length", True)), seed=int(cfg.seed))
-
-
-def train(cfg: DictConfig, run_dir: RunDir, name: str, student, kind: str, tokenizer, steps: int,
+def train(cfg: DictConfig, run_dir: RunDir, name: str, student, task: Task, tokenizer, steps: int,
           teacher=None, batch_size: int | None = None) -> dict:
     """A short Lightning run (distillation, or recovery after pruning) of `steps` optimizer steps."""
     from bigml.training.trainer import build_trainer
 
     bs = int(batch_size or cfg.data.get("batch_size") or 16)
-    loader = train_loader(cfg, tokenizer, student, kind, bs)
+    loader = task.training_batches(cfg, tokenizer, student, bs)
     c = copy.deepcopy(cfg)
     with open_dict(c):
         c.trainer.max_steps = int(steps)
@@ -156,7 +112,7 @@ def train(cfg: DictConfig, run_dir: RunDir, name: str, student, kind: str, token
     trainer, _ = build_trainer(c, run_dir.path / "train" / name, callbacks=[], flops_per_token=None, model=student)
     module = distill.CompressionTraining(
         student, OmegaConf.to_container(cfg.optimizer, resolve=True), OmegaConf.to_container(cfg.scheduler, resolve=True),
-        kind, teacher=teacher, temperature=float(cfg.distill.temperature), alpha=float(cfg.distill.alpha),
+        task.name, teacher=teacher, temperature=float(cfg.distill.temperature), alpha=float(cfg.distill.alpha),
         hidden_weight=float(cfg.distill.hidden_weight), mask_token_id=tokenizer.mask_token_id,
         special_ids=sorted(set(tokenizer.all_special_ids)), seed=int(cfg.seed))
     student.train()
@@ -173,7 +129,7 @@ def train(cfg: DictConfig, run_dir: RunDir, name: str, student, kind: str, token
 
 # -- stages ---------------------------------------------------------------------------------------
 
-def stage_quantize(cfg, model, kind, tokenizer) -> tuple[Any, dict | None, dict]:
+def stage_quantize(cfg, model, task, tokenizer) -> tuple[Any, dict | None, dict]:
     q = cfg.quantize
     dtype, weight_only, backend = str(q.dtype), bool(q.weight_only), str(q.backend)
     scheme = quantize.scheme_for(dtype, weight_only)
@@ -198,7 +154,7 @@ def stage_quantize(cfg, model, kind, tokenizer) -> tuple[Any, dict | None, dict]
     return qmodel, state_dict, info
 
 
-def stage_prune(cfg, run_dir, index, model, kind, tokenizer) -> tuple[Any, None, dict]:
+def stage_prune(cfg, run_dir, index, model, task, tokenizer) -> tuple[Any, None, dict]:
     p = cfg.prune
     structured = p.structured if p.structured not in ("null", "none", "") else None
     sparsity = float(p.sparsity)
@@ -215,22 +171,22 @@ def stage_prune(cfg, run_dir, index, model, kind, tokenizer) -> tuple[Any, None,
     else:
         info["layers_kept"] = prune.prune_layers(m, sparsity)
     if int(p.recover_steps) > 0:
-        info["recovery"] = train(cfg, run_dir, f"{index}-prune", m, kind, tokenizer, int(p.recover_steps))
+        info["recovery"] = train(cfg, run_dir, f"{index}-prune", m, task, tokenizer, int(p.recover_steps))
     prune.make_permanent(modules)
     return m, None, info
 
 
-def _check_student_size(name: str, teacher, kind: str) -> None:
+def _check_student_size(name: str, teacher, task: Task) -> None:
     from bigml.models.architectures import count_params
 
-    student = distill.named_student(name, teacher, kind, _preset(name))
+    student = distill.named_student(name, teacher, task, _preset(name))
     t_params, s_params = count_params(teacher), count_params(student)
     if s_params >= t_params:
         raise UsageError(f"distill.student={name}: the student has {s_params:,} parameters, not fewer than the "
                          f"teacher's {t_params:,}; choose a smaller preset or distill.student=half")
 
 
-def stage_distill(cfg, run_dir, index, model, kind, tokenizer) -> tuple[Any, None, dict]:
+def stage_distill(cfg, run_dir, index, model, task, tokenizer) -> tuple[Any, None, dict]:
     from bigml.models.architectures import count_params
 
     d = cfg.distill
@@ -238,16 +194,16 @@ def stage_distill(cfg, run_dir, index, model, kind, tokenizer) -> tuple[Any, Non
     if name == "half":
         student = distill.half_student(model)
     else:
-        student = distill.named_student(name, model, kind, _preset(name))
+        student = distill.named_student(name, model, task, _preset(name))
     t_params, s_params = count_params(model), count_params(student)
     if s_params >= t_params:
-        _check_student_size(name, model, kind)
+        _check_student_size(name, model, task)
     teacher = copy.deepcopy(model).float().eval()
     for prm in teacher.parameters():
         prm.requires_grad_(False)
     info = {"student": name, "teacher_params": t_params, "student_params": s_params,
             "temperature": float(d.temperature), "alpha": float(d.alpha), "hidden_weight": float(d.hidden_weight)}
-    info.update(train(cfg, run_dir, f"{index}-distill", student, kind, tokenizer, int(d.steps), teacher=teacher,
+    info.update(train(cfg, run_dir, f"{index}-distill", student, task, tokenizer, int(d.steps), teacher=teacher,
                       batch_size=d.get("batch_size")))
     return student, None, info
 
@@ -294,8 +250,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     from bigml.evaluation import load_model_for_eval
 
-    model, tokenizer, kind = load_model_for_eval(path, cfg)
-    log.info("compress: %s (%s) | %s | run directory: %s", path, kind, " -> ".join(methods), run_dir.path)
+    model, tokenizer, task = load_model_for_eval(path, cfg)
+    log.info("compress: %s (%s) | %s | run directory: %s", path, task.name, " -> ".join(methods), run_dir.path)
     mcfg = cfg.measure
     measure_kw = dict(batch_size=int(mcfg.batch_size), seq_len=int(mcfg.seq_len), warmup=int(mcfg.warmup),
                       repeats=int(mcfg.repeats))
@@ -303,12 +259,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def report(m, where, params=None) -> dict:
         row = measure.measure(m, where, **measure_kw, params=params)
         t0 = time.perf_counter()
-        row.update(score(m, tokenizer, cfg, kind))
+        row.update(score(m, tokenizer, cfg, task))
         row["eval_time_s"] = round(time.perf_counter() - t0, 2)
         return row
 
     if "distill" in methods and str(cfg.distill.student) != "half":  # refuse a too-large student before any work
-        _check_student_size(str(cfg.distill.student), model, kind)
+        _check_student_size(str(cfg.distill.student), model, task)
     before = report(model, path)
     log.info("before: %s", _brief(before))
     history = list(getattr(model.config, storage.HISTORY_KEY, None) or [])
@@ -319,11 +275,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("stage %d/%d: %s", i, len(methods), method)
         t0 = time.perf_counter()
         if method == "quantize":
-            new, state_dict, info = stage_quantize(cfg, current, kind, tokenizer)
+            new, state_dict, info = stage_quantize(cfg, current, task, tokenizer)
         elif method == "prune":
-            new, state_dict, info = stage_prune(cfg, run_dir, i, current, kind, tokenizer)
+            new, state_dict, info = stage_prune(cfg, run_dir, i, current, task, tokenizer)
         else:
-            new, state_dict, info = stage_distill(cfg, run_dir, i, current, kind, tokenizer)
+            new, state_dict, info = stage_distill(cfg, run_dir, i, current, task, tokenizer)
         info["time_s"] = round(time.perf_counter() - t0, 2)
         history.append({"method": method, **{k: v for k, v in info.items() if k not in ("recovery", "note")}})
         setattr(new.config, storage.HISTORY_KEY, history)
@@ -345,11 +301,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if storage.tree_checksum(path) != checksum:  # a bug, never a user error
         raise RuntimeError(f"model.path={path} changed while compressing")
     final = stages[-1]["after"]
-    metric_key = _metric_key(kind, final)
+    metric_key = _metric_key(task, final)
     metrics: dict[str, Any] = {
         "command": "compress",
         "methods": methods,
-        "task": kind,
+        "task": task.name,
         "model": path,
         "metric": metric_key,
         "before": before,
@@ -364,11 +320,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _metric_key(kind: str, row: dict) -> str:
-    for k in ("accuracy", "f1", "perplexity", "mse", "loss") if kind not in LM_KINDS else ("perplexity", "loss"):
-        if k in row:
-            return k
-    return "loss"
+def _metric_key(task: Task, row: dict) -> str:
+    return task.headline_metric if task.headline_metric in row else "loss"
 
 
 def _ratios(before: dict, after: dict, metric: str) -> dict:

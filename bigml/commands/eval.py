@@ -1,7 +1,7 @@
 """bigml eval: score a model directory on labeled data or a text corpus.
 
-    model.path (any HF dir) --load_model_for_eval--> (model, tokenizer, kind)
-    cfg.data (+ eval.split) --evaluate_detailed--> metrics (torchmetrics, batch by batch)
+    model.path (any HF dir) --load_model_for_eval--> (model, tokenizer, task)
+    cfg.data (+ eval.split) --task.evaluate--> metrics (torchmetrics, batch by batch)
     --> <run>/metrics.json, <run>/report.json, <run>/confusion_matrix.png, tables on stderr
     --> eval.fail_below / eval.fail_above: exit 1 when a gate is not met
 """
@@ -33,13 +33,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = RunDir.open(cfg)
     _STARTED[:] = [run_dir.started]
     torch.manual_seed(int(cfg.seed))
-    model, tokenizer, kind = load_model_for_eval(cfg.model.get("path"), cfg)
-    log.info("model: %s (%s) | run directory: %s", cfg.model.path, kind, run_dir.path)
-    report = evaluate_detailed(model, tokenizer, cfg, split=str(cfg.eval.get("split") or "auto"), kind=kind,
+    model, tokenizer, task = load_model_for_eval(cfg.model.get("path"), cfg)
+    log.info("model: %s (%s) | run directory: %s", cfg.model.path, task.name, run_dir.path)
+    report = evaluate_detailed(model, tokenizer, cfg, split=str(cfg.eval.get("split") or "auto"), task=task,
                                keep_rows=bool(cfg.eval.get("predictions")))
     # metrics.json holds only what the model and data determine (two runs give identical files);
     # the wall time goes to report.json
-    metrics: dict[str, Any] = {"command": "eval", "task": kind, "model": str(cfg.model.path), **report.metrics,
+    metrics: dict[str, Any] = {"command": "eval", "task": task.name, "model": str(cfg.model.path), **report.metrics,
                                "wall_time_s": None}
     write_report(run_dir.path, report, plot=bool(cfg.eval.get("plot", True)))
     if report.rows is not None:
@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def write_report(path: Path, report: Report, plot: bool = True) -> None:
     if not is_global_zero_process():
         return
-    payload = {"task": report.kind, "wall_time_s": round(time.time() - _STARTED[0], 2) if _STARTED else None, "metrics": report.metrics, "labels": report.label_names,
+    payload = {"task": report.task, "wall_time_s": round(time.time() - _STARTED[0], 2) if _STARTED else None, "metrics": report.metrics, "labels": report.label_names,
                "per_class": report.per_class, "confusion_matrix": report.confusion}
     atomic_write_json(path / "report.json", payload)
     if plot and report.confusion is not None:

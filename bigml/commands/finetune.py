@@ -1,10 +1,15 @@
-"""bigml finetune: adapt a model to a labeled task (classification, multilabel, regression, token).
+"""bigml finetune: adapt a model to a task (bigml.tasks: classification, multilabel, regression,
+token, sft, dpo, ...).
 
-    labeled data (files / folder per class / built-in) --read_labeled--> train / val / test rows
+    data (files / folder per class / built-in) --task.read_splits--> train / val / test rows
     tokenizer: model.path's own, or trained on the training texts (model=bert-mini from scratch)
-    TaskModel (full or LoRA, frozen parts) --Lightning fit, early stopping on val_<metric>-->
-    best checkpoint --> val_* / test_* metrics (bigml.evaluation, the same as `bigml eval`)
+    --task.encode--> tokenized splits
+    TaskModel (the task's head, full or LoRA, frozen parts) --Lightning fit, early stopping on
+    val_<metric>--> best checkpoint --> val_* / test_* metrics (task.evaluate, as `bigml eval`)
     --> <run>/model (HF, LoRA merged), <run>/adapter (LoRA), <run>/predictions.jsonl, metrics.json
+
+The task decides what is read, how it is encoded and batched, the loss and the metrics; this
+recipe is the same for all of them: setup_data, setup_module, setup_trainer, fit, score, export.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,43 +32,55 @@ from bigml.commands.runner import print_summary
 from bigml.data import labeled
 from bigml.data.tokenizer import load_tokenizer, train_or_load
 from bigml.errors import ConfigError, DataError
-from bigml.evaluation import LOWER_IS_BETTER, evaluate_task
 from bigml.models import architectures
+from bigml.models.loading import read_config, require_weights
 from bigml.models.task_model import TaskModel
 from bigml.run_dir import RunDir
+from bigml.tasks import Task, get_task, task_names
 from bigml.training.checkpoints import checkpoint_callbacks
 from bigml.training.trainer import build_trainer, trainer_kwargs
 
 log = logging.getLogger("bigml")
-METRICS_BY_TASK = {
-    "classification": {"accuracy", "f1_macro", "f1_micro", "f1_weighted", "precision_macro", "recall_macro", "ece", "loss"},
-    "multilabel": {"accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "loss"},
-    "regression": {"mse", "rmse", "mae", "r2", "pearson", "spearman", "loss"},
-    "token": {"precision", "recall", "f1", "token_accuracy", "loss"},
-}
 
 
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def monitor_of(cfg) -> tuple[str, str]:
-    task = str(cfg.task.name)
-    metric = str(cfg.finetune.early_stopping.get("metric") or cfg.task.get("metric") or "loss")
-    if metric not in METRICS_BY_TASK[task]:
-        raise ConfigError("finetune.early_stopping.metric", f"{metric!r} is not a {task} metric",
-                          f"choose one of {', '.join(sorted(METRICS_BY_TASK[task]))}")
-    return metric, ("min" if metric in LOWER_IS_BETTER else "max")
+def finetune_task(cfg) -> Task:
+    task = get_task(cfg.task.name)
+    if not task.finetunable:
+        raise ConfigError("task", f"{task.name!r} cannot be finetuned",
+                          f"choose one of {', '.join(task_names(lambda t: t.finetunable))}")
+    return task
 
 
-def tokenizer_and_config(cfg, raw: labeled.RawSplits):
+def monitor_of(cfg, task: Task) -> tuple[str, str]:
+    metric = str(cfg.finetune.early_stopping.get("metric") or cfg.task.get("metric") or task.metric)
+    if metric not in task.metrics:
+        raise ConfigError("finetune.early_stopping.metric", f"{metric!r} is not a {task.name} metric",
+                          f"choose one of {', '.join(sorted(task.metrics))}")
+    return metric, task.direction(metric)
+
+
+@dataclass
+class FinetuneData:
+    raw: Any                       # the task's raw splits (labeled.RawSplits)
+    tokenizer: Any
+    hf_config: dict | None         # from-scratch architectures only
+    model_config: Any              # the config max_length is checked against
+    names: list[str]               # label names (empty for tasks without labels)
+    max_length: int
+    encoded: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenizer_and_config(cfg, task: Task, raw):
     """(tokenizer, base config or None, hf config dict for from-scratch or None)."""
     init_path = cfg.model.get("path")
     tok_path = cfg.get("tokenizer", {}).get("path")
     if init_path:
-        base = architectures.read_config(str(init_path))
-        if not architectures.has_weights(str(init_path)):
-            raise DataError(f"model.path={init_path}: no weights (model.safetensors / pytorch_model.bin) in the directory")
+        base = read_config(str(init_path))
+        require_weights(str(init_path))
         try:
             tok = load_tokenizer(str(tok_path or init_path), "tokenizer.path" if tok_path else "model.path")
         except DataError as e:
@@ -71,29 +89,25 @@ def tokenizer_and_config(cfg, raw: labeled.RawSplits):
             raise DataError(f"tokenizer: {len(tok)} tokens, but the model has {base.vocab_size} embeddings; "
                             f"use the tokenizer the model was trained with")
         return tok, base, None
-    arch = str(cfg.model.get("arch"))
-    if arch not in architectures.ARCHS:
-        raise ConfigError("model.arch", f"unknown architecture {arch!r}", f"choose one of {', '.join(architectures.ARCHS)}")
-    objective = architectures.ARCHS[arch][1]
-    texts = raw.train["text"]
-    flat = [" ".join(t) if isinstance(t, list) else t for t in texts]
+    if task.needs_base_model:
+        raise ConfigError("model.path", f"task={task.name} starts from a trained model",
+                          "set model.path=<a causal LM directory> (e.g. a bigml pretrain run's model/)")
+    lm_task = get_task(architectures.pretraining_task_name(cfg.model))
+    flat = task.training_texts(raw.train)
     key = hashlib.sha256("\n".join(flat).encode("utf-8", "replace")).hexdigest()[:16]
-    tok, cached = train_or_load(cfg.tokenizer, objective, key, lambda: iter(flat), str(cfg.cache_dir),
+    tok, cached = train_or_load(cfg.tokenizer, lm_task, key, lambda: iter(flat), str(cfg.cache_dir),
                                 model_max_length=int(cfg.model.max_position_embeddings))
     if not cached:
         log.info("tokenizer: trained a %d-token vocabulary on %d training texts", len(tok), len(flat))
-    special = {"pad_token_id": tok.pad_token_id}
-    if objective == "causal":
-        special.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    hf = architectures.hf_config_from_cfg(cfg.model, len(tok), special)
+    hf = architectures.hf_config_from_cfg(cfg.model, len(tok), lm_task.config_special_ids(tok))
     return tok, None, hf.to_dict()
 
 
-def class_weights(cfg, encoded_train, names: list[str]) -> list[float] | None:
+def class_weights(cfg, task: Task, encoded_train, names: list[str]) -> list[float] | None:
     mode = cfg.finetune.get("class_weights")
     if mode in (None, "none", False):
         return None
-    if str(cfg.task.name) != "classification":
+    if not getattr(task, "class_weights", False):
         raise ConfigError("finetune.class_weights", "only single-label classification uses class weights")
     if mode != "balanced":
         if OmegaConf.is_list(mode) and len(mode) == len(names):
@@ -115,67 +129,109 @@ def _validate_before_max_steps(cfg: DictConfig, batches_per_epoch: int) -> None:
         cfg.trainer.val_check_interval = max_steps * accumulate
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    kind = str(cfg.task.name)
-    if kind not in labeled.TASKS:
-        raise ConfigError("task", f"{kind!r} cannot be finetuned", f"choose one of {', '.join(labeled.TASKS)}")
-    metric, mode = monitor_of(cfg)
-    trainer_kwargs(cfg)
-    run_dir = RunDir.open(cfg)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+# -- the recipe ------------------------------------------------------------------------------------
 
-    raw = labeled.read_labeled(labeled._data_cfg(cfg), kind, int(cfg.seed))
-    tokenizer, base_config, hf_config = tokenizer_and_config(cfg, raw)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise DataError("the tokenizer has no padding or end-of-text token; set tokenizer.path to one that has")
-        tokenizer.pad_token = tokenizer.eos_token
-    model_config = base_config if base_config is not None else None
+def setup_data(cfg, task: Task) -> FinetuneData:
+    raw = task.read_splits(cfg, int(cfg.seed))
+    tokenizer, base_config, hf_config = tokenizer_and_config(cfg, task, raw)
+    task.prepare_tokenizer(tokenizer, cfg)
     names = raw.label_names
-    if kind in ("classification", "multilabel", "token") and len(names) < 2 and kind != "multilabel":
-        raise DataError(f"data: the training split has {len(names)} label(s) ({', '.join(names)}); {kind} needs at least 2")
-    if kind == "classification" and len(names) > 0.5 * len(raw.train) and all(labeled._is_number(x) for x in names):
-        raise DataError(f"data: {len(names)} distinct numeric labels in {len(raw.train)} rows look like a regression "
-                        f"target; use task=regression")
+    task.check_training_labels(names, len(raw.train))
+    model_config = base_config if base_config is not None else _Cfg(hf_config)
+    max_length = labeled.effective_max_length(cfg.data.get("max_length"), tokenizer, model_config)
+    data = FinetuneData(raw, tokenizer, hf_config, model_config, names, max_length)
     label2id = {n: i for i, n in enumerate(names)}
-    max_length = labeled.effective_max_length(cfg.data.get("max_length"), tokenizer,
-                                              model_config if model_config is not None else _Cfg(hf_config))
-    encoded = {}
     for split in ("train", "val", "test"):
         ds = getattr(raw, split)
         if ds is None or len(ds) == 0:
             continue
-        labeled.check_labels(ds, kind, label2id, f"data ({split} split)", "training")
-        encoded[split] = labeled.encode(ds, tokenizer, kind, label2id, max_length, where=f"data ({split} split)")
-    if "val" not in encoded:
+        task.check_labels(ds, label2id, f"data ({split} split)", "training")
+        data.encoded[split] = task.encode(ds, tokenizer, label2id, max_length, where=f"data ({split} split)")
+    if "val" not in data.encoded:
         raise DataError("data: no validation rows; set data.val_path or data.val_fraction > 0")
-    log.info("data: %s train / %d val / %d test rows; %s", f"{len(encoded['train']):,}", len(encoded["val"]),
-             len(encoded.get("test", [])), f"{len(names)} labels ({', '.join(names[:8])})" if names else "numeric target")
+    log.info("data: %s train / %d val / %d test rows; %s", f"{len(data.encoded['train']):,}", len(data.encoded["val"]),
+             len(data.encoded.get("test", [])), task.describe_labels(names))
+    return data
 
-    weights = class_weights(cfg, encoded["train"], names)
-    module = TaskModel(kind=kind, label_names=names, optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler),
-                       init_path=str(cfg.model.path) if cfg.model.get("path") else None, hf_config=hf_config,
-                       pad_token_id=tokenizer.pad_token_id, method=_plain(cfg.method),
-                       freeze_embeddings=bool(cfg.finetune.freeze_embeddings), freeze_layers=int(cfg.finetune.freeze_layers),
-                       class_weights=weights, threshold=float(cfg.task.get("threshold") or 0.5))
-    n_params = architectures.count_params(module.model)
-    n_train = architectures.count_params(module.model, trainable_only=True)
-    bs = int(cfg.data.batch_size)
-    train_loader = labeled.make_loader(encoded["train"], tokenizer, kind, bs, shuffle=True,
-                                       group_by_length=bool(cfg.data.get("group_by_length", True)), seed=int(cfg.seed),
-                                       num_workers=int(cfg.data.get("num_workers") or 0))
-    val_loader = labeled.make_loader(encoded["val"], tokenizer, kind, int(cfg.eval.batch_size))
+
+def setup_module(cfg, task: Task, data: FinetuneData) -> TaskModel:
+    weights = class_weights(cfg, task, data.encoded["train"], data.names)
+    return TaskModel(task=task.name, label_names=data.names, optimizer=_plain(cfg.optimizer),
+                     scheduler=_plain(cfg.scheduler), init_path=str(cfg.model.path) if cfg.model.get("path") else None,
+                     hf_config=data.hf_config, pad_token_id=data.tokenizer.pad_token_id, method=_plain(cfg.method),
+                     freeze_embeddings=bool(cfg.finetune.freeze_embeddings), freeze_layers=int(cfg.finetune.freeze_layers),
+                     class_weights=weights, threshold=float(cfg.task.get("threshold") or 0.5),
+                     options=task.module_options(cfg))
+
+
+def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: FinetuneData, metric: str, mode: str):
+    train_loader = task.train_loader(data.encoded["train"], data.tokenizer, cfg)
+    val_loader = labeled.make_loader(data.encoded["val"], task.collate_fn(data.tokenizer), int(cfg.eval.batch_size))
     ckpts = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.get("every_n_steps", 1000)),
                                  int(cfg.checkpoint.get("keep", 1)), monitor=f"val_{metric}", mode=mode)
     stop = EarlyStopping(monitor=f"val_{metric}", mode=mode, patience=int(cfg.finetune.early_stopping.patience))
     _validate_before_max_steps(cfg, len(train_loader))
-    trainer, meter = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model)
+    trainer, _ = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model)
+    return trainer, ckpts, train_loader, val_loader
+
+
+def best_model(module: TaskModel, ckpts, metric: str, lora: bool):
+    """The best validation checkpoint's weights, LoRA merged: (plain model, peft model or None)."""
+    best = ckpts[1].best_model_path
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+        log.info("best checkpoint: %s (val_%s %.4g)", best, metric, float(ckpts[1].best_model_score))
+    module.eval()
+    if lora:
+        return module.model.merge_and_unload(), module.model
+    return module.model, None
+
+
+def score(cfg, task: Task, model, data: FinetuneData, module: TaskModel, run_dir: RunDir, is_global_zero: bool) -> dict:
+    metrics: dict[str, Any] = {}
+    model.float()
+    for split in ("val", "test"):
+        if split not in data.encoded:
+            continue
+        report = task.evaluate(model, data.tokenizer, cfg, split, keep_rows=split == "test" and bool(cfg.finetune.predictions),
+                               encoded=data.encoded[split], raw_rows=getattr(data.raw, split), module=module)
+        metrics.update({f"{split}_{k}": v for k, v in report.metrics.items()})
+        if split == "test" and report.rows is not None and is_global_zero:
+            write_predictions(run_dir.path / "predictions.jsonl", report.rows)
+    return metrics
+
+
+def export(cfg, task: Task, run_dir: RunDir, model, adapter_model, data: FinetuneData) -> None:
+    if adapter_model is not None:
+        with atomic_directory(run_dir.path / "adapter") as tmp:
+            adapter_model.save_pretrained(str(tmp))
+            data.tokenizer.save_pretrained(str(tmp))
+    run_dir.export_model(model, data.tokenizer, metadata={
+        "command": "finetune", "task": task.name, "method": str(cfg.method.name), "labels": data.names,
+        "max_length": data.max_length, "base_model": str(cfg.model.get("path") or cfg.model.get("name")),
+        "run_dir": str(run_dir.path), **task.export_metadata(cfg)})
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    task = finetune_task(cfg)
+    metric, mode = monitor_of(cfg, task)
+    trainer_kwargs(cfg)
+    run_dir = RunDir.open(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    data = setup_data(cfg, task)
+    module = setup_module(cfg, task, data)
+    n_params = architectures.count_params(module.model)
+    n_train = architectures.count_params(module.model, trainable_only=True)
+    trainer, ckpts, train_loader, val_loader = setup_trainer(cfg, run_dir, task, module, data, metric, mode)
     log.info("model: %s | %s parameters, %s trainable (%.2f%%, %s) | precision %s | run directory: %s",
              cfg.model.get("path") or cfg.model.get("name"), f"{n_params:,}", f"{n_train:,}", 100 * n_train / n_params,
              cfg.method.name, trainer.precision, run_dir.path)
     if cfg.get("dry_run"):
-        metrics = {"command": "finetune", "dry_run": True, "task": kind, "params": n_params, "trainable_params": n_train,
-                   "train_examples": len(encoded["train"]), "val_examples": len(encoded["val"])}
+        metrics = {"command": "finetune", "dry_run": True, "task": task.name, "params": n_params,
+                   "trainable_params": n_train, "train_examples": len(data.encoded["train"]),
+                   "val_examples": len(data.encoded["val"])}
         run_dir.write_metrics(metrics, status="dry_run")
         return metrics
 
@@ -185,47 +241,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_time = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
-    best = ckpts[1].best_model_path
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-        log.info("best checkpoint: %s (val_%s %.4g)", best, metric, float(ckpts[1].best_model_score))
-    module.eval()
-    model = module.model.merge_and_unload() if cfg.method.name == "lora" else module.model
-    adapter_model = module.model if cfg.method.name == "lora" else None
+    model, adapter_model = best_model(module, ckpts, metric, cfg.method.name == "lora")
 
-    metrics: dict[str, Any] = {"command": "finetune", "task": kind, "method": str(cfg.method.name),
+    metrics: dict[str, Any] = {"command": "finetune", "task": task.name, "method": str(cfg.method.name),
                                "model": str(cfg.model.get("path") or cfg.model.get("name")),
                                "params": n_params, "trainable_params": n_train,
                                "trainable_share": round(n_train / n_params, 6),
-                               "labels": names, "train_examples": len(encoded["train"]),
+                               "labels": data.names, "train_examples": len(data.encoded["train"]),
                                "train_loss": module.recent_train_loss(), "step": trainer.global_step,
                                "epochs": trainer.current_epoch, "train_time_s": round(train_time, 2),
                                "samples_per_sec": round(module.samples_seen / max(train_time, 1e-9), 2),
+                               "trained_tokens_per_sec": round(module.tokens_trained / max(train_time, 1e-9), 2),
                                "early_stopping_metric": f"val_{metric}", "precision": str(trainer.precision)}
-    model.float()
-    for split in ("val", "test"):
-        if split not in encoded:
-            continue
-        report = evaluate_task(model, tokenizer, cfg, kind, split, keep_rows=split == "test" and bool(cfg.finetune.predictions),
-                               encoded=encoded[split], raw_rows=getattr(raw, split))
-        metrics.update({f"{split}_{k}": v for k, v in report.metrics.items()})
-        if split == "test" and report.rows is not None and trainer.is_global_zero:
-            write_predictions(run_dir.path / "predictions.jsonl", report.rows)
+    metrics.update(score(cfg, task, model, data, module, run_dir, trainer.is_global_zero))
     if trainer.is_global_zero:
-        if adapter_model is not None:
-            with atomic_directory(run_dir.path / "adapter") as tmp:
-                adapter_model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
-        run_dir.export_model(model, tokenizer, metadata={
-            "command": "finetune", "task": kind, "method": str(cfg.method.name), "labels": names,
-            "max_length": max_length, "run_dir": str(run_dir.path)})
+        export(cfg, task, run_dir, model, adapter_model, data)
         metrics["model_dir"] = str(run_dir.model_dir)
         run_dir.write_metrics(metrics)
         show = {k: metrics[k] for k in ("task", "method", "model", "params", "trainable_params", "step", "train_loss",
                                        "samples_per_sec") if k in metrics}
         show.update({k: v for k, v in metrics.items() if k.startswith(("val_", "test_")) and k.split("_", 1)[1] in
-                     ("accuracy", "f1_macro", "f1", "mse", "mae", "r2", "loss")})
+                     (*task.summary_metrics, "loss")})
         show["model_dir"] = str(run_dir.model_dir)
         print_summary("bigml finetune", show)
     return metrics
@@ -239,4 +275,3 @@ class _Cfg:
 
     def to_dict(self) -> dict:
         return self.d
-

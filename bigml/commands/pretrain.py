@@ -22,7 +22,9 @@ from bigml.data.tokenizer import load_tokenizer, train_or_load
 from bigml.errors import ConfigError, DataError
 from bigml.models import architectures
 from bigml.models.language_model import LanguageModel
+from bigml.models.loading import read_config
 from bigml.run_dir import RunDir
+from bigml.tasks import get_task, language_model_task
 from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
 from bigml.training.trainer import build_trainer, full_state_dict, replicas_identical, trainer_kwargs
 
@@ -35,19 +37,16 @@ def _max_positions(config) -> int | None:
 
 
 def prepare(cfg: DictConfig):
-    """Everything before training: objective, tokenizer, packed corpus, model config. No side
-    effects beyond the caches, so `dry_run=true` and tests can call it."""
+    """Everything before training: the task (causal_lm / masked_lm), tokenizer, packed corpus,
+    model config. No side effects beyond the caches, so `dry_run=true` and tests can call it."""
     block = int(cfg.data.block_size)
     if block < 2:
         raise ConfigError("data.block_size", f"{block} is too small", "use at least 2 tokens")
     if int(cfg.data.batch_size) < 1:
         raise ConfigError("data.batch_size", f"{cfg.data.batch_size} must be at least 1")
     init_path = cfg.model.get("path")
-    base_config = architectures.read_config(str(init_path)) if init_path else None
-    objective = architectures.objective_of(base_config) if base_config else architectures.ARCHS[str(cfg.model.arch)][1] \
-        if str(cfg.model.arch) in architectures.ARCHS else None
-    if objective is None:
-        raise ConfigError("model.arch", f"unknown architecture {cfg.model.arch!r}", f"choose one of {', '.join(architectures.ARCHS)}")
+    base_config = read_config(str(init_path)) if init_path else None
+    task = language_model_task(base_config) if base_config else get_task(architectures.pretraining_task_name(cfg.model))
     max_pos = _max_positions(base_config) if base_config else int(cfg.model.max_position_embeddings)
     if max_pos and block > max_pos:
         raise ConfigError("data.block_size", f"{block} exceeds the model's {max_pos} positions",
@@ -68,30 +67,25 @@ def prepare(cfg: DictConfig):
         tokenizer = load_tokenizer(str(tok_path), "tokenizer.path" if cfg.tokenizer.get("path") else "model.path")
         tok_cached = True
     else:
-        tokenizer, tok_cached = train_or_load(cfg.tokenizer, objective, corpus_key, lambda: _iter_docs(documents()),
+        tokenizer, tok_cached = train_or_load(cfg.tokenizer, task, corpus_key, lambda: _iter_docs(documents()),
                                               str(cfg.cache_dir), model_max_length=max_pos or block)
-    if objective == "masked" and tokenizer.mask_token_id is None:
-        raise DataError(f"tokenizer {tok_path}: has no mask token, which masked-LM pretraining needs; use a BERT-style tokenizer")
+    task.check_tokenizer(tokenizer, f"tokenizer {tok_path}")
     if base_config is not None and len(tokenizer) > base_config.vocab_size:
         raise DataError(f"tokenizer {tok_path}: {len(tokenizer)} tokens, but the model at model.path has "
                         f"{base_config.vocab_size} embeddings; use the tokenizer the model was trained with")
 
     t0 = time.perf_counter()
-    info, corpus_cached = pack_corpus(cfg.data, tokenizer, objective, documents, corpus_key, str(cfg.cache_dir),
+    info, corpus_cached = pack_corpus(cfg.data, tokenizer, task, documents, corpus_key, str(cfg.cache_dir),
                                       int(cfg.seed), float(cfg.data.val_fraction))
     log.info("corpus: %s documents, %s tokens (%s)%s", f"{info.n_documents:,}", f"{info.n_tokens:,}",
              "cached" if corpus_cached else f"tokenized in {time.perf_counter() - t0:.1f}s",
              "" if tok_cached else "; tokenizer trained")
 
     if base_config is None:
-        special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                   "eos_token_id": tokenizer.eos_token_id}
-        if objective == "masked":
-            special = {"pad_token_id": tokenizer.pad_token_id}
-        hf_config = architectures.hf_config_from_cfg(cfg.model, len(tokenizer), special)
+        hf_config = architectures.hf_config_from_cfg(cfg.model, len(tokenizer), task.config_special_ids(tokenizer))
     else:
         hf_config = base_config
-    return objective, tokenizer, info, hf_config
+    return task, tokenizer, info, hf_config
 
 
 def _iter_docs(ds):
@@ -104,7 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _, extra = trainer_kwargs(cfg)  # validate the trainer settings before any slow work
     run_dir = RunDir.open(cfg, resuming=resuming)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    objective, tokenizer, info, hf_config = prepare(cfg)
+    task, tokenizer, info, hf_config = prepare(cfg)
     if resuming and cfg.logger.get("version") is not None:
         # A resumed run logs into a new version folder: CSV/TensorBoard writers would otherwise
         # replace the interrupted run's history.
@@ -113,7 +107,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     init_path = cfg.model.get("path")
     special_ids = sorted(set(tokenizer.all_special_ids))
     module = LanguageModel(
-        hf_config=hf_config.to_dict(), objective=objective,
+        hf_config=hf_config.to_dict(), task=task.name,
         optimizer=_plain(cfg.optimizer), scheduler=_plain(cfg.scheduler),
         init_path=str(init_path) if init_path else None, mlm_probability=float(cfg.mlm_probability),
         special_ids=special_ids, mask_token_id=tokenizer.mask_token_id, seed=int(cfg.seed),
@@ -126,12 +120,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer, meter = build_trainer(cfg, run_dir.path, callbacks=ckpt_cbs,
                                    flops_per_token=hardware.flops_per_token(module.model.config, block), model=module.model)
     log.info("model: %s (%s parameters, %s objective) | precision %s | %s x %s tokens per step",
-             architectures.describe(module.model.config), f"{n_params:,}", objective, trainer.precision,
+             architectures.describe(module.model.config), f"{n_params:,}", task.objective, trainer.precision,
              cfg.data.batch_size, block)
     log.info("run directory: %s", run_dir.path)
 
     if cfg.get("dry_run"):
-        metrics = {"command": "pretrain", "dry_run": True, "params": n_params, "objective": objective,
+        metrics = {"command": "pretrain", "dry_run": True, "params": n_params, "objective": task.objective,
                    "train_blocks": len(datamodule.train_set), "val_blocks": len(datamodule.val_set),
                    "tokens": info.n_tokens}
         run_dir.write_metrics(metrics, status="dry_run")
@@ -161,7 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {
         "command": "pretrain",
-        "objective": objective,
+        "objective": task.objective,
         "model": cfg.model.get("name") if not init_path else str(init_path),
         "params": n_params,
         "train_loss": module.recent_train_loss(),
@@ -175,7 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "devices": trainer.world_size,
         "model_dir": str(run_dir.model_dir),
     }
-    if objective == "masked":
+    if task.accuracy_reported():
         metrics["val_accuracy"] = final.get("val_accuracy")
     if identical is not None:
         metrics["replicas_identical"] = identical
@@ -183,7 +177,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         weights = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered is not None else None
         run_dir.export_model(module.model, tokenizer, state_dict=weights, metadata={
-            "command": "pretrain", "objective": objective, "block_size": block, "step": trainer.global_step,
+            "command": "pretrain", "task": task.name, "objective": task.objective, "block_size": block, "step": trainer.global_step,
             "run_dir": str(run_dir.path),
         })
         run_dir.write_metrics(metrics)

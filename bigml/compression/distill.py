@@ -26,6 +26,8 @@ from torch import nn
 from bigml.compression import prune
 from bigml.errors import ConfigError
 from bigml.models import architectures
+from bigml.models.loading import build_model
+from bigml.tasks import Task, get_task
 from bigml.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("bigml")
@@ -43,11 +45,9 @@ def half_student(teacher: nn.Module) -> nn.Module:
     return student
 
 
-def named_student(name: str, teacher: nn.Module, kind: str, preset_cfg) -> nn.Module:
+def named_student(name: str, teacher: nn.Module, task: Task, preset_cfg) -> nn.Module:
     """A randomly initialized `name` preset with the teacher's vocabulary, positions and labels."""
     from omegaconf import open_dict
-
-    from bigml.evaluation import auto_class
 
     t = teacher.config
     max_pos = t.to_dict().get("max_position_embeddings") or t.to_dict().get("n_positions")
@@ -56,74 +56,52 @@ def named_student(name: str, teacher: nn.Module, kind: str, preset_cfg) -> nn.Mo
             preset_cfg.max_position_embeddings = int(max_pos)
     special = {k: getattr(t, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
     config = architectures.hf_config_from_cfg(preset_cfg, int(t.vocab_size), special)
-    if kind in ("classification", "multilabel", "regression", "token"):
-        config.num_labels = t.num_labels
-        config.id2label, config.label2id = dict(t.id2label), dict(t.label2id)
-        config.problem_type = getattr(t, "problem_type", None)
-    student = auto_class(kind).from_config(config, dtype=torch.float32)
-    return student
+    task.student_config(config, t)
+    return build_model(config, task)
 
 
-def _hard_loss(out, batch: dict, kind: str, model: nn.Module) -> torch.Tensor:
+def _hard_loss(out, task: Task) -> torch.Tensor:
     if getattr(out, "loss", None) is not None:
         return out.loss
-    raise RuntimeError(f"no labels in the training batch for a {kind} model")
+    raise RuntimeError(f"no labels in the training batch for a {task.name} model")
 
 
 class CompressionTraining(pl.LightningModule):
     """Trains `student` on batches of `{input_ids, attention_mask, labels}`; with a teacher, by
     distillation. Only the student is saved; the teacher is frozen and kept out of the optimizer."""
 
-    def __init__(self, student: nn.Module, optimizer: dict, scheduler: dict, kind: str,
+    def __init__(self, student: nn.Module, optimizer: dict, scheduler: dict, task: str,
                  teacher: nn.Module | None = None, temperature: float = 2.0, alpha: float = 0.5,
                  hidden_weight: float = 0.0, mask_token_id: int | None = None, special_ids: list[int] | None = None,
                  seed: int = 0):
         super().__init__()
         self.student = student
         self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule (not trained, not saved)
-        self.opt_cfg, self.sched_cfg, self.kind = optimizer, scheduler, kind
+        self.opt_cfg, self.sched_cfg, self.task = optimizer, scheduler, get_task(task)
         self.temperature, self.alpha, self.hidden_weight = float(temperature), float(alpha), float(hidden_weight)
         self.mask_token_id, self.seed = mask_token_id, seed
         self.register_buffer("special_ids", torch.tensor(special_ids or [], dtype=torch.long), persistent=False)
         self.losses: list[float] = []
 
     def _batch(self, batch: Any) -> dict:
-        if isinstance(batch, torch.Tensor):  # a packed-corpus block
-            if self.kind == "masked_lm":
-                from bigml.models.language_model import mask_tokens
-
-                g = torch.Generator(device=batch.device).manual_seed(self.seed * 1_000_003 + self.global_step)
-                inputs, labels = mask_tokens(batch, mask_id=self.mask_token_id, vocab_size=self.student.config.vocab_size,
-                                             special_ids=self.special_ids, probability=0.15, generator=g)
-                return {"input_ids": inputs, "labels": labels}
-            return {"input_ids": batch, "labels": batch}
+        if isinstance(batch, torch.Tensor):  # a packed-corpus block: the objective's inputs and labels
+            inputs, labels = self.task.inputs_and_labels(
+                batch, self.seed * 1_000_003 + self.global_step, mask_token_id=self.mask_token_id,
+                special_ids=self.special_ids, probability=0.15, vocab_size=self.student.config.vocab_size)
+            return {"input_ids": inputs, "labels": labels}
         return {k: v for k, v in dict(batch).items() if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
 
     def training_step(self, batch, batch_idx):
         batch = self._batch(batch)
         want_hidden = bool(self.teacher) and self.hidden_weight > 0
         out = self.student(**batch, output_hidden_states=want_hidden)
-        hard = _hard_loss(out, batch, self.kind, self.student)
+        hard = _hard_loss(out, self.task)
         loss = hard
         if self.teacher:
             teacher = self.teacher[0]
             with torch.no_grad():
                 t_out = teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=want_hidden)
-            s_logits, t_logits = out.logits.float(), t_out.logits.float()
-            if self.kind in ("causal_lm", "masked_lm", "token"):
-                labels = batch["labels"]
-                if self.kind == "causal_lm":
-                    s_logits, t_logits, labels = s_logits[:, :-1], t_logits[:, :-1], labels[:, 1:]
-                keep = labels != -100
-                s_logits, t_logits = s_logits[keep], t_logits[keep]
-            T = self.temperature
-            if self.kind == "regression":  # no distribution to soften: match the teacher's values
-                kd = F.mse_loss(s_logits, t_logits)
-            elif self.kind == "multilabel":  # independent sigmoids
-                kd = F.binary_cross_entropy_with_logits(s_logits / T, torch.sigmoid(t_logits / T)) * T * T
-            else:
-                kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
-                              reduction="batchmean") * T * T
+            kd = self.task.kd_loss(out.logits.float(), t_out.logits.float(), batch["labels"], self.temperature)
             loss = self.alpha * kd + (1 - self.alpha) * hard
             if want_hidden:
                 s_h, t_h = out.hidden_states, t_out.hidden_states

@@ -30,6 +30,9 @@ from bigml.errors import ConfigError
 
 log = logging.getLogger("bigml")
 
+QUANT_KEY = "bigml_quantization"  # in config.json: how the weights are quantized (format: storage.py)
+HISTORY_KEY = "bigml_compression"  # in config.json: the compression stages this model went through
+INT_SCHEMES = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
 DTYPES = ("int8", "int4", "bf16", "fp16")
 BACKENDS = ("auto", "torch.ao", "torchao")
 INT4_GROUP = 32
@@ -254,3 +257,20 @@ def pick_backend(model_factory, example: dict, candidates: list[str], scheme: st
         timings[backend] = sorted(times)[len(times) // 2] * 1000
         log.info("quantize: backend %s runs the measurement batch in %.1f ms", backend, timings[backend])
     return min(timings, key=timings.get), timings
+
+
+def read_tensors(path: str, key: str = "model.path") -> dict[str, torch.Tensor]:
+    """Every tensor of a bigml-quantized model directory's safetensors files."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from bigml.errors import DataError
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise DataError(f"{key}={path}: a bigml-quantized model needs its model.safetensors")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors

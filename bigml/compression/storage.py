@@ -24,16 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from bigml.errors import DataError
-from bigml.models import architectures
+from bigml.compression.quantize import HISTORY_KEY, INT_SCHEMES, QUANT_KEY  # noqa: F401 - re-exported
+from bigml.models.loading import load_model as _load
+from bigml.models.loading import read_config, require_weights
 
 log = logging.getLogger("bigml")
 
-QUANT_KEY = "bigml_quantization"  # in config.json: how the weights are quantized
-HISTORY_KEY = "bigml_compression"  # in config.json: the compression stages this model went through
-INT_SCHEMES = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
 
 def quantization_of(path: str | Path) -> dict | None:
     """The `bigml_quantization` entry of a model directory's config.json, if any."""
@@ -48,60 +45,14 @@ def quantization_of(path: str | Path) -> dict | None:
 
 def check_model_dir(path: str, key: str = "model.path"):
     """The config of a model directory that holds weights; DataError (exit 2) otherwise."""
-    config = architectures.read_config(str(path), key)
-    if not architectures.has_weights(str(path)):
-        raise DataError(f"{key}={path}: no weights (model.safetensors / pytorch_model.bin) in the directory")
+    config = read_config(str(path), key)
+    require_weights(str(path), key)
     return config
 
 
-def load_model(path: str, key: str = "model.path") -> tuple[torch.nn.Module, str]:
-    """(model in eval mode, kind) from any HF directory, bigml-quantized ones included. `kind` is
-    bigml.evaluation's (classification, regression, token, causal_lm, masked_lm, ...)."""
-    from bigml.evaluation import infer_kind
-
-    config = check_model_dir(path, key)
-    kind = infer_kind(config)
-    return load_weights(str(Path(path).expanduser()), config, kind, key), kind
-
-
-def load_weights(path: str, config, kind: str, key: str = "model.path") -> torch.nn.Module:
-    """The model of a directory whose config is read: plain HF weights (fp32, or the saved bf16/fp16
-    of a cast), or bigml's int8/int4 format rebuilt by `quantize.materialize`."""
-    from bigml.evaluation import auto_class
-
-    cls = auto_class(kind)
-    quant = getattr(config, QUANT_KEY, None)
-    try:
-        if quant and quant.get("scheme") in INT_SCHEMES:
-            model = load_quantized(path, config, cls, quant)
-        else:
-            # a bf16/fp16 export stays bf16/fp16 (that is its point); everything else loads in fp32
-            model = cls.from_pretrained(path, dtype="auto" if quant else torch.float32)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{key}={path}: could not load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    model.eval()
-    return model
-
-
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise DataError(f"model.path={path}: a bigml-quantized model needs its model.safetensors")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
-def load_quantized(path: str, config, cls, quant: dict) -> torch.nn.Module:
-    from bigml.compression import quantize
-
-    model = cls.from_config(config, dtype=torch.float32)
-    tensors = _read_tensors(path)
-    quantize.materialize(model, tensors, quant)
-    return model
+def load_model(path: str, key: str = "model.path"):
+    """(model in eval mode, task) from any HF directory, bigml-quantized ones included."""
+    return _load(path, key=key)
 
 
 def save_model(model: torch.nn.Module, tokenizer, out: Path, metadata: dict[str, Any],

@@ -1,15 +1,15 @@
-"""Labeled text for finetune, eval and compress: tables, folder-per-class trees, built-in datasets.
+"""Labeled data for finetune, eval and compress: tables, folder-per-class trees, built-in datasets.
 
     read_labeled(data_cfg, task, seed)      -> RawSplits (train/val/test `datasets.Dataset`s with
                                                columns text[, text_pair], label; label names)
-    encode(ds, tokenizer, task, label2id, max_length) -> tokenized Dataset (input_ids, ..., labels)
-    load_labeled(cfg, tokenizer, label_names=None) -> (dict split -> tokenized Dataset, label names)
-    make_loader(ds, tokenizer, task, batch_size, shuffle, group_by_length, seed) -> DataLoader
+    load_labeled(cfg, task, tokenizer)      -> (dict split -> tokenized Dataset, label names)
+    make_loader(ds, collate, batch_size, shuffle, group_by_length, seed) -> DataLoader
 
-Raw labels by task: classification -> str; multilabel -> list[str]; regression -> float;
-token -> list[str] (one tag per word; the text is a list of words). Splits come from files
-(data.path / data.val_path / data.test_path) or are carved from data.path with a fixed seed,
-stratified by label for classification, so finetune and eval carve the same rows.
+What a label is (a class name, a list of them, a number, one tag per word) belongs to the task
+(bigml.tasks: `normalize_labels`, `label_names`, `encode`, `collate_fn`); this module reads rows,
+selects columns and carves splits. Splits come from files (data.path / data.val_path /
+data.test_path) or are carved from data.path with a fixed seed, stratified by label where the task
+says so (classification), so finetune, eval and compress carve the same rows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from bigml.data import sources
 from bigml.errors import ConfigError, DataError
 
 log = logging.getLogger("bigml")
-TASKS = ("classification", "multilabel", "regression", "token")
 
 
 @dataclass
@@ -118,8 +117,8 @@ def _columns(ds: datasets.Dataset, data_cfg, where: str, folder: bool) -> datase
     return ds.rename_columns(renames) if renames else ds
 
 
-def _normalize(ds: datasets.Dataset, task: str, sep: str | None, where: str) -> datasets.Dataset:
-    """Labels to the task's raw type, empty texts dropped (counted)."""
+def _normalize(ds: datasets.Dataset, task, sep: str | None, where: str) -> datasets.Dataset:
+    """Empty texts dropped (counted), missing labels refused, labels to the task's raw type."""
     n = len(ds)
 
     def empty(t):
@@ -131,70 +130,7 @@ def _normalize(ds: datasets.Dataset, task: str, sep: str | None, where: str) -> 
     missing = [i for i, v in enumerate(ds["label"]) if v is None or (isinstance(v, str) and not v.strip())]
     if missing:
         raise DataError(f"{where}: {len(missing)} rows have no label (first: row {missing[0]}); fill or drop them")
-
-    if task == "regression":
-        def to_float(b):
-            out = []
-            for v in b["label"]:
-                try:
-                    out.append(float(v))
-                except (TypeError, ValueError):
-                    raise DataError(f"{where}: label {v!r} is not a number; regression needs numeric labels "
-                                    f"(use task=classification for categories)") from None
-            return {"label": out}
-        features = ds.features.copy()
-        features["label"] = datasets.Value("float64")
-        return ds.map(to_float, batched=True, features=features)
-    if task == "multilabel":
-        def to_list(b):
-            return {"label": [[str(x).strip() for x in (v if isinstance(v, list) else str(v).split(sep or ",")) if str(x).strip()]
-                              for v in b["label"]]}
-        features = ds.features.copy()
-        features["label"] = datasets.Sequence(datasets.Value("string"))
-        return ds.map(to_list, batched=True, features=features)
-    if task == "token":
-        def to_words(b):
-            words = [v if isinstance(v, list) else str(v).split() for v in b["text"]]
-            tags = [[str(x) for x in v] if isinstance(v, list) else str(v).split() for v in b["label"]]
-            for i, (w, t) in enumerate(zip(words, tags, strict=False)):
-                if len(w) != len(t):
-                    raise DataError(f"{where}: row {i} has {len(w)} words but {len(t)} tags; token labels need one tag per word")
-            return {"text": words, "label": tags}
-        features = ds.features.copy()
-        features["text"] = datasets.Sequence(datasets.Value("string"))
-        features["label"] = datasets.Sequence(datasets.Value("string"))
-        return ds.map(to_words, batched=True, features=features)
-
-    def to_str(b):
-        return {"label": [_label_str(v) for v in b["label"]]}
-    features = ds.features.copy()
-    features["label"] = datasets.Value("string")
-    return ds.map(to_str, batched=True, features=features)
-
-
-def _label_str(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return str(v).strip()
-
-
-def _sort_names(names) -> list[str]:
-    names = list(names)
-    try:
-        return sorted(names, key=lambda s: (float(s), s))
-    except ValueError:
-        return sorted(names)
-
-
-def label_names_of(ds: datasets.Dataset, task: str) -> list[str]:
-    if task == "regression":
-        return []
-    if task in ("multilabel", "token"):
-        seen = {x for row in ds["label"] for x in row}
-        if task == "token":  # O first, then B-X, I-X in pairs
-            return sorted(seen, key=lambda t: (t != "O", t[2:] if t[:2] in ("B-", "I-") else t, t))
-        return _sort_names(seen)
-    return _sort_names(set(ds["label"]))
+    return task.normalize_labels(ds, sep, where)
 
 
 def _carve(ds: datasets.Dataset, fraction: float, seed: int, stratify: bool) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -219,10 +155,9 @@ def _carve(ds: datasets.Dataset, fraction: float, seed: int, stratify: bool) -> 
     return ds.select(rest), ds.select(sorted(carved))
 
 
-def read_labeled(data_cfg, task: str, seed: int, need_train: bool = True) -> RawSplits:
-    """The raw splits of a labeled dataset. `need_train=False` (eval) keeps data.path whole as `all`."""
-    if task not in TASKS:
-        raise ConfigError("task", f"unknown task {task!r}", f"choose one of {', '.join(TASKS)}")
+def read_labeled(data_cfg, task, seed: int, need_train: bool = True) -> RawSplits:
+    """The raw splits of a labeled dataset for `task` (a bigml.tasks.LabeledTask). `need_train=False`
+    (eval) keeps data.path whole as `all`."""
     if data_cfg.get("kind", "labeled") != "labeled":
         raise ConfigError("data", f"data={data_cfg.get('name')} is a text corpus, not labeled data",
                           "use data=labeled data.path=<file> (or data=tweets)")
@@ -259,7 +194,7 @@ def read_labeled(data_cfg, task: str, seed: int, need_train: bool = True) -> Raw
         main = main.flatten_indices()
     val = load(str(data_cfg.val_path), "data.val_path") if data_cfg.get("val_path") else None
     test = load(str(data_cfg.test_path), "data.test_path") if data_cfg.get("test_path") else None
-    stratify = task == "classification"
+    stratify = task.stratify
     train = main
     if main is not None:
         if test is None and float(data_cfg.get("test_fraction") or 0) > 0:
@@ -268,98 +203,12 @@ def read_labeled(data_cfg, task: str, seed: int, need_train: bool = True) -> Raw
             train, val = _carve(train, float(data_cfg.val_fraction), seed + 1, stratify)
     if need_train and (train is None or len(train) == 0):
         raise DataError("data: no training rows; set data.path (or data=tweets)")
-    names = label_names_of(train if train is not None else (test if test is not None else main), task) \
+    names = task.label_names(train if train is not None else (test if test is not None else main)) \
         if (train is not None or test is not None or main is not None) else []
     raw = RawSplits(train=train, val=val, test=test, label_names=names, all=main)
     if builtin:
         raw.all = None  # a built-in dataset is never scored whole: its test split is the held-out part
     return raw
-
-
-def check_labels(raw_ds: datasets.Dataset, task: str, label2id: dict[str, int], where: str, trained_on: str) -> None:
-    """Labels that the model cannot predict: one clear line (they would silently score as errors)."""
-    if task == "regression":
-        return
-    if task == "classification":
-        seen = set(raw_ds["label"])
-    else:
-        seen = {x for row in raw_ds["label"] for x in row}
-    unknown = sorted(seen - set(label2id))
-    if unknown:
-        looks_numeric = task == "classification" and all(_is_number(u) for u in unknown) and \
-            any(not float(u).is_integer() for u in unknown)
-        if looks_numeric:
-            raise DataError(f"{where}: labels like {unknown[0]} are numbers, but the model is a classification head "
-                            f"({', '.join(list(label2id)[:6])}); use a regression model, or task=regression")
-        raise DataError(f"{where}: {len(unknown)} label(s) never seen in {trained_on}: {', '.join(unknown[:5])}; "
-                        f"the model knows {', '.join(list(label2id)[:10])}")
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def label_map_for_model(label_names: list[str], config) -> dict[str, int]:
-    """label -> id for a model whose config may carry real names or transformers' LABEL_i defaults."""
-    l2i = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
-    if l2i and not all(k == f"LABEL_{v}" for k, v in l2i.items()):
-        return l2i
-    n = int(getattr(config, "num_labels", len(label_names)))
-    if label_names and all(_is_number(x) and float(x).is_integer() for x in label_names):
-        return {str(i): i for i in range(n)}
-    return {name: i for i, name in enumerate(label_names)} if len(label_names) <= n else {f"LABEL_{i}": i for i in range(n)}
-
-
-def encode(ds: datasets.Dataset, tokenizer, task: str, label2id: dict[str, int], max_length: int,
-           where: str = "data") -> datasets.Dataset:
-    """Tokenize (no padding: batches pad dynamically); count and report truncated texts."""
-    has_pair = "text_pair" in ds.column_names
-    n_labels = len(label2id)
-    truncated = [0]
-
-    def fn(b):
-        if task == "token":
-            enc = tokenizer(b["text"], is_split_into_words=True, truncation=True, max_length=max_length)
-            full = tokenizer(b["text"], is_split_into_words=True)["input_ids"]
-            labels = []
-            for i, tags in enumerate(b["label"]):
-                prev, row = None, []
-                for w in enc.word_ids(i):
-                    row.append(-100 if w is None or w == prev else label2id[tags[w]])
-                    prev = w
-                labels.append(row)
-        else:
-            args = (b["text"], b["text_pair"]) if has_pair else (b["text"],)
-            enc = tokenizer(*args, truncation=True, max_length=max_length)
-            full = tokenizer(*args)["input_ids"]
-            if task == "regression":
-                labels = [float(v) for v in b["label"]]
-            elif task == "multilabel":
-                labels = []
-                for row in b["label"]:
-                    vec = [0.0] * n_labels
-                    for x in row:
-                        vec[label2id[x]] = 1.0
-                    labels.append(vec)
-            else:
-                labels = [label2id[v] for v in b["label"]]
-        truncated[0] += sum(len(x) > max_length for x in full)
-        out = {k: v for k, v in enc.items()}
-        out["labels"] = labels
-        out["length"] = [len(x) for x in enc["input_ids"]]
-        return out
-
-    keep = [c for c in ds.column_names]
-    out = ds.map(fn, batched=True, batch_size=512, remove_columns=keep, load_from_cache_file=False)
-    if truncated[0]:
-        log.warning("%s: %d of %d texts are longer than %d tokens and were truncated (raise data.max_length "
-                    "or eval.max_length, up to the model's maximum)", where, truncated[0], len(ds), max_length)
-    out.truncated = truncated[0]  # type: ignore[attr-defined]
-    return out
 
 
 def model_max_length(tokenizer, config=None) -> int | None:
@@ -415,37 +264,21 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
-def collator(tokenizer, task: str):
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
-
-    if task == "token":
-        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=-100)
-    return DataCollatorWithPadding(tokenizer)
-
-
-def make_loader(ds: datasets.Dataset, tokenizer, task: str, batch_size: int, shuffle: bool = False,
+def make_loader(ds: datasets.Dataset, collate, batch_size: int, shuffle: bool = False,
                 group_by_length: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """Dynamic padding; evaluation loaders keep the row order (predictions line up with rows)."""
+    """Dynamic padding (`collate`: the task's collate_fn); evaluation loaders keep the row order
+    (predictions line up with rows)."""
     cols = [c for c in ds.column_names if c != "length"]
     lengths = list(ds["length"]) if "length" in ds.column_names else [0] * len(ds)
     ds = ds.select_columns(cols).with_format(None)
-    base = collator(tokenizer, task)
-
-    def collate(rows):
-        batch = base(rows)
-        if task in ("regression", "multilabel"):
-            batch["labels"] = batch["labels"].float()
-        return batch
-
     sampler = LengthGroupedSampler(lengths, batch_size, seed, shuffle=shuffle, group=group_by_length and shuffle)
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 
-def prepare_splits(cfg, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
+def prepare_splits(cfg, task, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
                    model_config=None, need_train: bool = True):
     """(RawSplits, dict split -> tokenized Dataset, label names): load_labeled plus the raw rows."""
-    task = str(cfg.task.name)
-    raw = read_labeled(_data_cfg(cfg), task, int(cfg.seed), need_train=need_train)
+    raw = read_labeled(data_cfg_of(cfg), task, int(cfg.seed), need_train=need_train)
     names = list(label_names) if label_names is not None else raw.label_names
     label2id = {n: i for i, n in enumerate(names)}
     max_length = effective_max_length(cfg.get("eval", {}).get("max_length") or cfg.data.get("max_length"), tokenizer, model_config)
@@ -454,24 +287,24 @@ def prepare_splits(cfg, tokenizer, label_names: list[str] | None = None, splits=
         ds = getattr(raw, split)
         if ds is None:
             continue
-        check_labels(ds, task, label2id, f"data ({split} split)", "training" if label_names is None else "the model's labels")
-        out[split] = encode(ds, tokenizer, task, label2id, max_length, where=f"data ({split} split)")
+        task.check_labels(ds, label2id, f"data ({split} split)", "training" if label_names is None else "the model's labels")
+        out[split] = task.encode(ds, tokenizer, label2id, max_length, where=f"data ({split} split)")
     return raw, out, names
 
 
-def load_labeled(cfg, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
+def load_labeled(cfg, task, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),
                  model_config=None, need_train: bool = True) -> tuple[dict[str, datasets.Dataset], list[str]]:
-    """Tokenized splits of cfg.data for cfg.task (what finetune trains on; compress reuses it):
+    """Tokenized splits of cfg.data for `task` (what finetune trains on; compress reuses it):
     ({"train": ds, "val": ds, "test": ds}, label names). Rows hold input_ids, attention_mask,
     (token_type_ids), labels, length; `make_loader` batches them with dynamic padding.
 
     `label_names` fixes the label order (a model's id2label); by default it comes from the training split.
     """
-    _, out, names = prepare_splits(cfg, tokenizer, label_names, splits, model_config, need_train)
+    _, out, names = prepare_splits(cfg, task, tokenizer, label_names, splits, model_config, need_train)
     return out, names
 
 
-def _data_cfg(cfg):
+def data_cfg_of(cfg):
     """cfg.data with task-level keys (the multilabel separator) folded in."""
     from omegaconf import OmegaConf
 

@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bigml.atomic import atomic_directory
-from bigml.data.tokenizer import document_separator
 from bigml.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -61,12 +60,13 @@ def default_num_proc(requested) -> int:
     return 1  # the Rust tokenizer already uses every core inside one process
 
 
-def pack_corpus(data_cfg, tokenizer, objective: str, documents_factory, corpus_key: str,
+def pack_corpus(data_cfg, tokenizer, task, documents_factory, corpus_key: str,
                 cache_dir: str, seed: int, val_fraction: float) -> tuple[PackedCorpusInfo, bool]:
-    """Tokenize and pack the corpus, or reuse the cached result. Returns (info, from_cache)."""
+    """Tokenize and pack the corpus for `task` (a LanguageModelTask: its document separator), or
+    reuse the cached result. Returns (info, from_cache)."""
     tok_id = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
     key = hashlib.sha256(json.dumps(
-        dict(corpus=corpus_key, tok=tok_id, objective=objective, seed=seed, val=val_fraction, v=_FORMAT_VERSION),
+        dict(corpus=corpus_key, tok=tok_id, objective=task.objective, seed=seed, val=val_fraction, v=_FORMAT_VERSION),
         sort_keys=True).encode()).hexdigest()[:16]
     where = Path(cache_dir).expanduser() / "corpora" / key
     if (where / "meta.json").exists():
@@ -74,7 +74,7 @@ def pack_corpus(data_cfg, tokenizer, objective: str, documents_factory, corpus_k
 
     t0 = time.perf_counter()
     docs = documents_factory().shuffle(seed=seed)
-    sep = document_separator(tokenizer, objective)
+    sep = task.document_separator(tokenizer)
     num_proc = default_num_proc(data_cfg.get("num_proc"))
     if num_proc > 1:
         # Forked workers and the Rust thread pool don't mix; each worker then tokenizes on one thread.

@@ -4,9 +4,9 @@ Trained tokenizers are cached under <cache_dir>/tokenizers/<key>/ where the key 
 fingerprint and every setting, and are saved with the model in Hugging Face format, so
 `AutoTokenizer.from_pretrained(<run>/model)` works with no bigml code.
 
-Special tokens follow the objective: masked LMs get BERT's [PAD] [UNK] [CLS] [SEP] [MASK] (and
-"[CLS] text [SEP]" around each document), causal LMs get GPT-2's <|endoftext|> as the document
-separator, plus a padding token so batched generation and classification heads work.
+Special tokens and the document template come from the task (bigml.tasks): masked LMs get BERT's
+[PAD] [UNK] [CLS] [SEP] [MASK] and "[CLS] text [SEP]" around each document, causal LMs GPT-2's
+<|endoftext|> as the document separator plus a padding token.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bigml.atomic import atomic_directory
@@ -29,16 +29,12 @@ log = logging.getLogger(__name__)
 KINDS = ("auto", "wordpiece", "bpe", "char")
 _FORMAT_VERSION = 1  # bump when the way tokenizers are built changes, to invalidate caches
 
-MASKED_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
-CAUSAL_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 
 
-def resolve_kind(kind: str, objective: str) -> str:
+def resolve_kind(kind: str, task) -> str:
     if kind not in KINDS:
         raise ConfigError("tokenizer.kind", f"unknown kind {kind!r}", f"choose one of {', '.join(KINDS)}")
-    if kind == "auto":
-        return "wordpiece" if objective == "masked" else "bpe"
-    return kind
+    return task.default_tokenizer if kind == "auto" else kind
 
 
 def load_tokenizer(path: str, key: str = "tokenizer.path") -> PreTrainedTokenizerBase:
@@ -61,9 +57,9 @@ def _iter_text(texts: Callable[[], Iterable[str]], max_bytes: int) -> Iterator[s
             return
 
 
-def _build(kind: str, objective: str, vocab_size: int, min_frequency: int, lowercase: bool,
+def _build(kind: str, task, vocab_size: int, min_frequency: int, lowercase: bool,
            texts: Callable[[], Iterable[str]], max_bytes: int) -> Tokenizer:
-    specials = MASKED_SPECIALS if objective == "masked" else CAUSAL_SPECIALS
+    specials = task.special_tokens
     special_list = list(dict.fromkeys(specials.values()))  # unique, in a fixed order
     unk = specials["unk_token"]
     if kind == "wordpiece":
@@ -101,30 +97,27 @@ def _build(kind: str, objective: str, vocab_size: int, min_frequency: int, lower
         tok.decoder = decoders.Fuse()
     else:  # pragma: no cover - resolve_kind guards
         raise AssertionError(kind)
-    if objective == "masked":
-        cls_id, sep_id = tok.token_to_id(specials["cls_token"]), tok.token_to_id(specials["sep_token"])
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{specials['cls_token']} $A {specials['sep_token']}",
-            pair=f"{specials['cls_token']} $A {specials['sep_token']} $B:1 {specials['sep_token']}:1",
-            special_tokens=[(specials["cls_token"], cls_id), (specials["sep_token"], sep_id)],
-        )
+    post = task.post_processor(tok)
+    if post is not None:
+        tok.post_processor = post
     return tok
 
 
-def train_or_load(tok_cfg, objective: str, corpus_key: str, texts: Callable[[], Iterable[str]],
+def train_or_load(tok_cfg, task, corpus_key: str, texts: Callable[[], Iterable[str]],
                   cache_dir: str, model_max_length: int) -> tuple[PreTrainedTokenizerFast, bool]:
-    """The tokenizer for this run and whether it came from the cache.
+    """The tokenizer for this run (special tokens as `task`, a LanguageModelTask, wants them) and
+    whether it came from the cache.
 
     `texts` is a factory of an iterable of documents, called only when training is needed.
     """
-    kind = resolve_kind(str(tok_cfg.kind), objective)
+    kind = resolve_kind(str(tok_cfg.kind), task)
     vocab_size = int(tok_cfg.vocab_size)
     if vocab_size < 16:
         raise ConfigError("tokenizer.vocab_size", f"{vocab_size} is too small", "use at least a few hundred")
     lowercase = bool(tok_cfg.lowercase) if tok_cfg.get("lowercase") is not None else kind == "wordpiece"
     min_frequency = int(tok_cfg.get("min_frequency") or 1)
     max_bytes = int(float(tok_cfg.get("train_max_mb") or 64) * 1e6)
-    settings = dict(kind=kind, objective=objective, vocab_size=vocab_size, lowercase=lowercase,
+    settings = dict(kind=kind, objective=task.objective, vocab_size=vocab_size, lowercase=lowercase,
                     min_frequency=min_frequency, max_bytes=max_bytes, corpus=corpus_key, v=_FORMAT_VERSION)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     where = Path(cache_dir).expanduser() / "tokenizers" / key
@@ -133,23 +126,11 @@ def train_or_load(tok_cfg, objective: str, corpus_key: str, texts: Callable[[], 
         tok.model_max_length = model_max_length
         return tok, True
     log.info("training a %s tokenizer (vocab %d) on the corpus", kind, vocab_size)
-    raw = _build(kind, objective, vocab_size, min_frequency, lowercase, texts, max_bytes)
+    raw = _build(kind, task, vocab_size, min_frequency, lowercase, texts, max_bytes)
     if raw.get_vocab_size() < 8:
         raise DataError("the corpus is too small to train a tokenizer; give more text or set tokenizer.path")
-    specials = MASKED_SPECIALS if objective == "masked" else CAUSAL_SPECIALS
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=model_max_length, **specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=model_max_length, **task.special_tokens)
     with atomic_directory(where) as tmp:
         tok.save_pretrained(str(tmp))
         (tmp / "bigml_tokenizer.json").write_text(json.dumps(settings, indent=2))
     return tok, False
-
-
-def document_separator(tok: PreTrainedTokenizerBase, objective: str) -> list[int]:
-    """Token ids appended after every document when packing (the post-processor adds [SEP] for BERT)."""
-    if objective == "masked":
-        return []
-    if tok.eos_token_id is not None:
-        return [tok.eos_token_id]
-    if tok.sep_token_id is not None:
-        return [tok.sep_token_id]
-    return []

@@ -1,5 +1,6 @@
-"""The finetuning LightningModule: a transformers *ForSequenceClassification / *ForTokenClassification
-model, optionally with frozen parts and LoRA adapters (peft), scored with bigml.evaluation.Scorer.
+"""The finetuning LightningModule: a transformers model with the head its task wants, optionally
+with frozen parts and LoRA adapters (peft). The task (bigml.tasks) computes the loss and the
+validation metrics; this module owns what every task shares (freezing, LoRA, optimizers).
 
 Only plain dicts and lists reach `save_hyperparameters`, so checkpoints never pickle live objects.
 """
@@ -13,38 +14,22 @@ import pytorch_lightning as pl
 import torch
 from transformers import CONFIG_MAPPING
 
-from bigml.errors import ConfigError, DataError, TrainingDiverged
-from bigml.evaluation import Scorer, auto_class
+from bigml.errors import ConfigError, TrainingDiverged
+from bigml.models.loading import build_model, load_model
+from bigml.tasks import get_task
 from bigml.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("bigml")
-PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": "multi_label_classification",
-                 "regression": "regression", "token": None}
 
 
-def head_kwargs(kind: str, label_names: list[str]) -> dict:
-    if kind == "regression":
-        return {"num_labels": 1, "problem_type": "regression"}
-    kw = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-          "label2id": {n: i for i, n in enumerate(label_names)}}
-    if PROBLEM_TYPES[kind]:
-        kw["problem_type"] = PROBLEM_TYPES[kind]
-    return kw
-
-
-def build_task_model(kind: str, label_names: list[str], init_path: str | None, hf_config: dict | None,
+def build_task_model(task, label_names: list[str], init_path: str | None, hf_config: dict | None,
                      pad_token_id: int | None):
-    auto = auto_class(kind)
-    kw = head_kwargs(kind, label_names)
+    task = get_task(task)
+    kw = task.head_kwargs(label_names)
     if init_path:
-        try:
-            model = auto.from_pretrained(init_path, dtype=torch.float32, ignore_mismatched_sizes=True, **kw)
-        except Exception as e:
-            raise DataError(f"model.path={init_path}: could not load it with a {kind} head "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        model, _ = load_model(init_path, task, head_kwargs=kw)
     else:
-        config = CONFIG_MAPPING[hf_config["model_type"]].from_dict({**hf_config, **kw})
-        model = auto.from_config(config, dtype=torch.float32)
+        model = build_model(CONFIG_MAPPING[hf_config["model_type"]].from_dict({**hf_config, **kw}), task)
     if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # decoder classifiers find the last token by padding
     return model
@@ -76,13 +61,12 @@ def freeze(model, embeddings: bool, first_layers: int) -> None:
                 p.requires_grad_(False)
 
 
-def apply_lora(model, kind: str, method: dict):
+def apply_lora(model, task, method: dict):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    task_type = TaskType.TOKEN_CLS if kind == "token" else TaskType.SEQ_CLS
     targets = method.get("target_modules")
-    config = LoraConfig(task_type=task_type, r=int(method.get("rank", 8)), lora_alpha=float(method.get("alpha", 16)),
-                        lora_dropout=float(method.get("dropout", 0.0)),
+    config = LoraConfig(task_type=getattr(TaskType, task.peft_task_type), r=int(method.get("rank", 8)),
+                        lora_alpha=float(method.get("alpha", 16)), lora_dropout=float(method.get("dropout", 0.0)),
                         target_modules=list(targets) if targets else None)
     try:
         return get_peft_model(model, config)
@@ -92,18 +76,18 @@ def apply_lora(model, kind: str, method: dict):
 
 
 class TaskModel(pl.LightningModule):
-    def __init__(self, kind: str, label_names: list[str], optimizer: dict, scheduler: dict,
+    def __init__(self, task: str, label_names: list[str], optimizer: dict, scheduler: dict,
                  init_path: str | None = None, hf_config: dict | None = None, pad_token_id: int | None = None,
                  method: dict | None = None, freeze_embeddings: bool = False, freeze_layers: int = 0,
-                 class_weights: list[float] | None = None, threshold: float = 0.5):
+                 class_weights: list[float] | None = None, threshold: float = 0.5, options: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.kind = kind
-        model = build_task_model(kind, label_names, init_path, hf_config, pad_token_id)
+        self.task = get_task(task)
+        model = build_task_model(self.task, label_names, init_path, hf_config, pad_token_id)
         freeze(model, freeze_embeddings, int(freeze_layers))
         method = method or {"name": "full"}
         if method.get("name") == "lora":
-            model = apply_lora(model, kind, method)
+            model = apply_lora(model, self.task, method)
         elif method.get("name") != "full":
             raise ConfigError("method", f"unknown method {method.get('name')!r}", "choose full or lora")
         self.model = model
@@ -111,30 +95,20 @@ class TaskModel(pl.LightningModule):
             self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
         else:
             self.class_weights = None
-        self.scorer = Scorer(kind, label_names, threshold=threshold)
+        self.options = dict(options or {})
+        self.task.attach(self)  # what the task's loss needs besides the model (DPO: the reference)
+        self.scorer = self.task.scorer(label_names, threshold=threshold)
         self._recent: deque[torch.Tensor] = deque(maxlen=20)
         self.samples_seen = 0
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return logits.reshape(-1) if self.kind == "regression" else logits
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        F = torch.nn.functional
-        logits = logits.float()
-        if self.kind == "regression":
-            return F.mse_loss(logits, labels.float())
-        if self.kind == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
-                               weight=self.class_weights, ignore_index=-100)
+        self.tokens_trained = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch), batch["labels"])
+        loss = self.task.finetune_loss(self, batch)
         if batch_idx % 10 == 0 and not torch.isfinite(loss):
             raise TrainingDiverged(f"training diverged at step {self.global_step} (loss {loss.item()}); lower optimizer.lr")
         self._recent.append(loss.detach())
-        self.samples_seen += int(batch["labels"].shape[0])
+        self.samples_seen += self.task.batch_examples(batch)
+        self.tokens_trained += self.task.batch_trained_tokens(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
@@ -142,7 +116,7 @@ class TaskModel(pl.LightningModule):
         return float(torch.stack(list(self._recent)).float().mean()) if self._recent else None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.scorer.update(self(batch), batch["labels"])
+        self.task.finetune_score(self, self.scorer, batch)
 
     def on_validation_epoch_end(self) -> None:
         values = self.scorer.compute()
