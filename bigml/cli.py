@@ -141,7 +141,8 @@ def _siblings(exc: BaseException, parent: str) -> list[str]:
 # shell delivered arrives unchanged, whatever characters it holds ([ ] , = : ' " $ { } \ ...).
 # Commands that write only where the user says (generate: output=), so they get no run directory.
 NO_RUN_DIR = ("generate",)
-FREE_TEXT_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt", "stop")}
+FREE_TEXT_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt", "stop"), "finetune": ("sft.template",),
+                                               "eval": ("sft.template",)}
 
 
 def hydra_quote(text: str) -> str:
@@ -205,6 +206,17 @@ def quote_free_text(command: str, args: list[str]) -> list[str]:
         else:
             out.append(f"{prefix}{key}={hydra_quote(raw)}")
     return out
+
+
+# Keys whose children are open: any metric name may follow `eval.fail_below.` / `eval.fail_above.`,
+# so the config does not list every task's metrics (a new task would have to edit conf/eval.yaml).
+# Hydra refuses keys a config does not have unless the override is `++key=value` (add or
+# override): that prefix is added here, and check_gates names the metrics that exist.
+OPEN_KEYS = re.compile(r"(eval\.fail_(?:below|above)\.[\w.-]+)=(.*)", re.S)
+
+
+def open_keys(args: list[str]) -> list[str]:
+    return [f"++{a}" if OPEN_KEYS.fullmatch(a) else a for a in args]
 
 
 def _override_value(overrides: list[str], key: str) -> str | None:
@@ -293,7 +305,7 @@ def run_command(command: str, args: list[str]) -> None:
         value = metrics.get(str(cfg.sweep.metric)) if isinstance(metrics, dict) else None
         return float(value) if isinstance(value, (int, float)) else float("nan")
 
-    args = quote_free_text(command, args)
+    args = open_keys(quote_free_text(command, args))
     scratch = None
     if command in NO_RUN_DIR and not _override_value(args, "hydra.run.dir") and not any(a in ("-m", "--multirun") for a in args):
         import tempfile

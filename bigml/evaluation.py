@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bigml.errors import ConfigError, GateFailed, UsageError
+from bigml.errors import ConfigError, GateFailed, UsageError, did_you_mean
 from bigml.tasks import Report, Task, get_task
 from bigml.tasks.base import LOWER_IS_BETTER, Scorer  # noqa: F401 - part of this module's API
 from bigml.tasks.token import EntitySpans  # noqa: F401 - part of this module's API
@@ -86,8 +86,9 @@ def check_gates(metrics: dict[str, Any], eval_cfg, prefix: str = "") -> list[str
                 continue
             key = f"{prefix}{name}"
             if key not in metrics or not isinstance(metrics[key], (int, float)):
-                have = ", ".join(k for k, v in metrics.items() if isinstance(v, float))
-                raise UsageError(f"eval.{direction}.{name}: this evaluation has no metric {name}; it has {have}")
+                have = [k.removeprefix(prefix) for k, v in metrics.items() if isinstance(v, float) and k.startswith(prefix)]
+                raise UsageError(f"eval.{direction}.{name}: this evaluation has no metric {name}"
+                                 f"{did_you_mean(name, have)}; it has {', '.join(have)}")
             value = float(metrics[key])
             bad = value < float(limit) if direction == "fail_below" else value > float(limit)
             line = f"{name} = {value:.4g} {'<' if direction == 'fail_below' else '>'} {float(limit):.4g}" if bad else \
@@ -98,4 +99,26 @@ def check_gates(metrics: dict[str, Any], eval_cfg, prefix: str = "") -> list[str
     return passed
 
 
-__all__ = ["Report", "Scorer", "check_gates", "evaluate_detailed", "evaluate_model", "load_model_for_eval"]
+def check_gate_names(eval_cfg, task: Task) -> None:
+    """Before any work: every gated metric is one the task reports (UsageError naming them)."""
+    for direction in ("fail_below", "fail_above"):
+        for name, limit in (eval_cfg.get(direction) or {}).items():
+            if limit is not None and name not in task.metrics:
+                raise UsageError(f"eval.{direction}.{name}: {task.name} has no metric {name}"
+                                 f"{did_you_mean(name, task.metrics)}; it has {', '.join(task.metrics)}")
+
+
+def gate_status(metrics: dict[str, Any], eval_cfg, prefix: str = "") -> tuple[str, GateFailed | None]:
+    """Apply the gates to `metrics` (recording the outcome under "gate"): the run status to write,
+    and the error to raise after writing it."""
+    try:
+        passed = check_gates(metrics, eval_cfg, prefix)
+    except GateFailed as e:
+        metrics["gate"] = str(e)
+        return "gate_failed", e
+    if passed:
+        metrics["gate"] = "passed: " + "; ".join(passed)
+    return "completed", None
+
+
+__all__ = ["Report", "Scorer", "check_gates", "gate_status", "evaluate_detailed", "evaluate_model", "load_model_for_eval"]

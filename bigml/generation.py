@@ -157,11 +157,12 @@ class Generator:
             raise UsageError(f"decoding settings: {str(e).splitlines()[0]}") from None
         self.config = config
 
-    def encode(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Left-padded input ids; prompts over the budget lose tokens from the left (or fail)."""
+    def encode(self, prompts: list[str] | list[list[dict]]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Left-padded input ids; prompts over the budget lose tokens from the left (or fail). With
+        chat=true a prompt is a user turn, or a whole conversation (a list of {role, content})."""
         if self.chat:
-            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                           add_generation_prompt=True) for p in prompts]
+            prompts = [self.tokenizer.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}],
+                                                          tokenize=False, add_generation_prompt=True) for p in prompts]
         ids = self.tokenizer(prompts, add_special_tokens=not self.chat)["input_ids"]
         dropped = []
         for i, seq in enumerate(ids):
@@ -179,7 +180,7 @@ class Generator:
         return {k: v.to(self.model.device) for k, v in batch.items()}, dropped
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], stream_to: TextIO | None = None) -> Batch:
+    def generate(self, prompts: list[str] | list[list[dict]], stream_to: TextIO | None = None) -> Batch:
         inputs, dropped = self.encode(prompts)
         n_seq = int(self.config.num_return_sequences or 1)
         streams = stream_to is not None and len(prompts) == 1 and n_seq == 1 and self.config.num_beams == 1

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from bigml.atomic import atomic_write_json
 from bigml.commands.runner import print_summary
-from bigml.evaluation import Report, check_gates, evaluate_detailed, load_model_for_eval
+from bigml.evaluation import Report, evaluate_detailed, gate_status, load_model_for_eval
 from bigml.run_dir import RunDir, is_global_zero_process
 
 log = logging.getLogger("bigml")
@@ -45,15 +45,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if report.rows is not None:
         write_predictions(run_dir.path / "predictions.jsonl", report.rows)
     print_report(report)
-    try:
-        passed = check_gates(report.metrics, cfg.eval)
-    except Exception as e:
-        metrics["gate"] = str(e)
-        run_dir.write_metrics(metrics, status="gate_failed")
-        raise
-    if passed:
-        metrics["gate"] = "passed: " + "; ".join(passed)
-    run_dir.write_metrics(metrics)
+    status, failed = gate_status(metrics, cfg.eval)
+    run_dir.write_metrics(metrics, status=status)
+    if failed is not None:
+        raise failed
     print_summary("bigml eval", {k: v for k, v in metrics.items() if k not in ("command",)})
     return metrics
 

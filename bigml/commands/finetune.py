@@ -32,6 +32,7 @@ from bigml.commands.runner import print_summary
 from bigml.data import labeled
 from bigml.data.tokenizer import load_tokenizer, train_or_load
 from bigml.errors import ConfigError, DataError
+from bigml.evaluation import check_gate_names, gate_status
 from bigml.models import architectures
 from bigml.models.loading import read_config, require_weights
 from bigml.models.task_model import TaskModel
@@ -146,7 +147,8 @@ def setup_data(cfg, task: Task) -> FinetuneData:
         if ds is None or len(ds) == 0:
             continue
         task.check_labels(ds, label2id, f"data ({split} split)", "training")
-        data.encoded[split] = task.encode(ds, tokenizer, label2id, max_length, where=f"data ({split} split)")
+        data.encoded[split] = task.encode(ds, tokenizer, label2id, max_length, where=f"data ({split} split)",
+                                          **task.encode_options(cfg))
     if "val" not in data.encoded:
         raise DataError("data: no validation rows; set data.val_path or data.val_fraction > 0")
     log.info("data: %s train / %d val / %d test rows; %s", f"{len(data.encoded['train']):,}", len(data.encoded["val"]),
@@ -216,12 +218,14 @@ def export(cfg, task: Task, run_dir: RunDir, model, adapter_model, data: Finetun
 def run(cfg: DictConfig) -> dict[str, Any]:
     task = finetune_task(cfg)
     metric, mode = monitor_of(cfg, task)
+    check_gate_names(cfg.eval, task)
     trainer_kwargs(cfg)
     run_dir = RunDir.open(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     data = setup_data(cfg, task)
     module = setup_module(cfg, task, data)
+    task.before_fit(module, data.encoded, data.tokenizer, cfg)
     n_params = architectures.count_params(module.model)
     n_train = architectures.count_params(module.model, trainable_only=True)
     trainer, ckpts, train_loader, val_loader = setup_trainer(cfg, run_dir, task, module, data, metric, mode)
@@ -254,10 +258,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "trained_tokens_per_sec": round(module.tokens_trained / max(train_time, 1e-9), 2),
                                "early_stopping_metric": f"val_{metric}", "precision": str(trainer.precision)}
     metrics.update(score(cfg, task, model, data, module, run_dir, trainer.is_global_zero))
+    # CI gates on the held-out scores (eval.fail_below.<metric>: test_<metric>, else val_<metric>)
+    status, failed = gate_status(metrics, cfg.eval, prefix="test_" if "test" in data.encoded else "val_")
     if trainer.is_global_zero:
         export(cfg, task, run_dir, model, adapter_model, data)
         metrics["model_dir"] = str(run_dir.model_dir)
-        run_dir.write_metrics(metrics)
+        run_dir.write_metrics(metrics, status=status)
+    if failed is not None:
+        raise failed
+    if trainer.is_global_zero:
         show = {k: metrics[k] for k in ("task", "method", "model", "params", "trainable_params", "step", "train_loss",
                                        "samples_per_sec") if k in metrics}
         show.update({k: v for k, v in metrics.items() if k.startswith(("val_", "test_")) and k.split("_", 1)[1] in

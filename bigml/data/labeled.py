@@ -155,28 +155,31 @@ def _carve(ds: datasets.Dataset, fraction: float, seed: int, stratify: bool) -> 
     return ds.select(rest), ds.select(sorted(carved))
 
 
-def read_labeled(data_cfg, task, seed: int, need_train: bool = True) -> RawSplits:
-    """The raw splits of a labeled dataset for `task` (a bigml.tasks.LabeledTask). `need_train=False`
-    (eval) keeps data.path whole as `all`."""
-    if data_cfg.get("kind", "labeled") != "labeled":
-        raise ConfigError("data", f"data={data_cfg.get('name')} is a text corpus, not labeled data",
-                          "use data=labeled data.path=<file> (or data=tweets)")
+def read_table_splits(data_cfg, seed: int, prepare, *, need_train: bool = True, stratify: bool = False,
+                      kind: str = "labeled", builtin=None) -> RawSplits:
+    """Train / val / test rows of a table dataset (files, a folder per class, a hub dataset, or a
+    built-in one): `prepare(ds, where)` turns a raw table into the task's columns. Splits come from
+    data.val_path / data.test_path or are carved from data.path with `seed` (per label when
+    `stratify`). `need_train=False` (eval) keeps data.path whole as `all`.
+
+    `prepare(ds, where, path)`: `where` names the source in messages, `path` is the local path (None
+    for a hub dataset)."""
+    if data_cfg.get("kind", kind) != kind:
+        raise ConfigError("data", f"data={data_cfg.get('name')} holds {data_cfg.get('kind')} data, not {kind} data",
+                          f"use a {kind} preset (bigml <command> --help lists them) with data.path=<file>")
     datasets.disable_progress_bars()
-    sep = data_cfg.get("label_separator") or ","
     path = data_cfg.get("path")
-    builtin = False
+    from_builtin = False
     if not path and not data_cfg.get("hf_name"):
-        if data_cfg.get("name") in (None, "labeled") and (data_cfg.get("test_path") or data_cfg.get("val_path")) and not need_train:
+        if (data_cfg.get("test_path") or data_cfg.get("val_path")) and not need_train and \
+                data_cfg.get("name") in (None, "labeled", kind):
             path = None
         else:
-            path = str(builtin_labeled_file(str(data_cfg.get("name"))))
-            builtin = True
+            path = str((builtin or builtin_labeled_file)(str(data_cfg.get("name"))))
+            from_builtin = True
 
     def load(p: str, key: str) -> datasets.Dataset:
-        folder = Path(p).expanduser().is_dir() and _folder_per_class(Path(p).expanduser(), str(data_cfg.get("encoding") or "utf-8")) is not None
-        ds = _read_table(p, data_cfg, key)
-        ds = _columns(ds, data_cfg, f"{key}={p}", folder)
-        return _normalize(ds, task, sep, f"{key}={p}")
+        return prepare(_read_table(p, data_cfg, key), f"{key}={p}", p)
 
     main = None
     if path:
@@ -188,13 +191,12 @@ def read_labeled(data_cfg, task, seed: int, need_train: bool = True) -> RawSplit
         except Exception as e:  # network down, unknown name
             raise DataError(f"data.hf_name={data_cfg.hf_name}: could not load ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}); without network, download it elsewhere and set data.path") from None
-        main = _normalize(_columns(ds, data_cfg, f"data.hf_name={data_cfg.hf_name}", False), task, sep, "data.hf_name")
+        main = prepare(ds, f"data.hf_name={data_cfg.hf_name}", None)
     if main is not None and data_cfg.get("max_examples"):
         main = main.shuffle(seed=seed).select(range(min(len(main), int(data_cfg.max_examples))))
         main = main.flatten_indices()
     val = load(str(data_cfg.val_path), "data.val_path") if data_cfg.get("val_path") else None
     test = load(str(data_cfg.test_path), "data.test_path") if data_cfg.get("test_path") else None
-    stratify = task.stratify
     train = main
     if main is not None:
         if test is None and float(data_cfg.get("test_fraction") or 0) > 0:
@@ -202,12 +204,27 @@ def read_labeled(data_cfg, task, seed: int, need_train: bool = True) -> RawSplit
         if val is None and float(data_cfg.get("val_fraction") or 0) > 0:
             train, val = _carve(train, float(data_cfg.val_fraction), seed + 1, stratify)
     if need_train and (train is None or len(train) == 0):
-        raise DataError("data: no training rows; set data.path (or data=tweets)")
-    names = task.label_names(train if train is not None else (test if test is not None else main)) \
-        if (train is not None or test is not None or main is not None) else []
-    raw = RawSplits(train=train, val=val, test=test, label_names=names, all=main)
-    if builtin:
+        raise DataError("data: no training rows; set data.path")
+    raw = RawSplits(train=train, val=val, test=test, all=main)
+    if from_builtin:
         raw.all = None  # a built-in dataset is never scored whole: its test split is the held-out part
+    return raw
+
+
+def read_labeled(data_cfg, task, seed: int, need_train: bool = True) -> RawSplits:
+    """The raw splits of a labeled dataset for `task` (a bigml.tasks.LabeledTask): columns text
+    [, text_pair], label, the labels normalized by the task."""
+    sep = data_cfg.get("label_separator") or ","
+    encoding = str(data_cfg.get("encoding") or "utf-8")
+
+    def prepare(ds: datasets.Dataset, where: str, path: str | None) -> datasets.Dataset:
+        folder = path is not None and Path(path).expanduser().is_dir() and \
+            _folder_per_class(Path(path).expanduser(), encoding) is not None
+        return _normalize(_columns(ds, data_cfg, where, folder), task, sep, where)
+
+    raw = read_table_splits(data_cfg, seed, prepare, need_train=need_train, stratify=task.stratify)
+    some = raw.train if raw.train is not None else (raw.test if raw.test is not None else raw.all)
+    raw.label_names = task.label_names(some) if some is not None else []
     return raw
 
 

@@ -97,6 +97,10 @@ class Task:
     def encode(self, ds, tokenizer, label2id: dict[str, int], max_length: int, where: str = "data"):
         raise NotImplementedError
 
+    def encode_options(self, cfg) -> dict:
+        """Task settings `encode` takes as keyword arguments."""
+        return {}
+
     def collate_fn(self, tokenizer):
         raise NotImplementedError
 
@@ -118,6 +122,9 @@ class Task:
 
     # -- finetuning (bigml.models.task_model.TaskModel asks these) ------------------------------
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
+
+    def before_fit(self, module, encoded: dict, tokenizer, cfg) -> None:
+        """Work on the encoded splits that needs the starting weights (DPO: reference log-probs)."""
 
     def attach(self, module) -> None:
         """Set up what the loss needs besides module.model (DPO: the frozen reference)."""
