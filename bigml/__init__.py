@@ -9,3 +9,11 @@ import logging as _logging
 # registrations: noise on every CPU command. Real errors still show.
 for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+
+def run(command: str, overrides=None) -> dict:
+    """Run a bigml command in this process and return its metrics: bigml.run("pretrain", ["model=gpt-tiny"]).
+    See bigml.api.run."""
+    from bigml.api import run as _run
+
+    return _run(command, overrides)

@@ -25,6 +25,7 @@ from bigml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BigmlError, UsageErr
 USAGE = f"""bigml {__version__}: the lifecycle of a transformer model, driven by YAML configs.
 
 usage: bigml <command> [key=value ...] [-m] [--cfg job] [--help]
+       bigml completion bash|zsh            # shell completion: source <(bigml completion bash)
 
 commands:
 {chr(10).join(f"  {name:<10}{desc}" for name, desc in COMMANDS.items())}
@@ -77,6 +78,10 @@ def explain(exc: BaseException) -> tuple[int, str]:
         return EXIT_USAGE, msg.splitlines()[0]
     if isinstance(exc, OverrideParseException):
         return EXIT_USAGE, f"cannot parse the override: {str(exc).splitlines()[0]} (use key=value)"
+    m = re.search(r"Could not override '([\w/]+)'\. No match in the defaults list", str(exc))
+    if isinstance(exc, ConfigCompositionException) and m:
+        return EXIT_USAGE, (f"{m.group(1)}=...: this command has no {m.group(1)} group; "
+                            f"`bigml <command> --help` lists the groups it has")
     if isinstance(exc, (ConfigCompositionException, OmegaConfBaseException)):
         inner = exc
         while isinstance(inner, ConfigCompositionException) and (inner.__cause__ or inner.__context__):
@@ -264,13 +269,30 @@ def _torchrun_run_dir(command: str, overrides: list[str]) -> list[str]:
     return overrides + [f"hydra.run.dir={root}/{command}/{name}"]
 
 
+def prepare_overrides(command: str, args: list[str], inspecting: bool = False) -> tuple[list[str], str | None]:
+    """The overrides of a single run as Hydra must see them (free text quoted, open keys, the run
+    directory of a resumed or torchrun run), and a scratch run directory to remove afterwards for
+    commands that keep none (generate)."""
+    args = open_keys(quote_free_text(command, args))
+    scratch = None
+    if command in NO_RUN_DIR and not _override_value(args, "hydra.run.dir"):
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"bigml-{command}-")  # Hydra wants a run directory; nothing is kept in it
+        args = [*args, f"hydra.run.dir={scratch}"]
+    if not inspecting:
+        args = _torchrun_run_dir(command, _redirect_resume(command, args))
+    return args, scratch
+
+
 def run_command(command: str, args: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from bigml import sweep
+    from bigml import resolvers, sweep
 
+    resolvers.register()
     if importlib.util.find_spec(f"bigml.commands.{command}") is None:
         raise UsageError(f"`bigml {command}` is not available in this version yet; see README.md for what is")
     module = f"bigml.commands.{command}"  # imported by run_job, once the config has composed
@@ -305,23 +327,19 @@ def run_command(command: str, args: list[str]) -> None:
         value = metrics.get(str(cfg.sweep.metric)) if isinstance(metrics, dict) else None
         return float(value) if isinstance(value, (int, float)) else float("nan")
 
-    args = open_keys(quote_free_text(command, args))
-    scratch = None
-    if command in NO_RUN_DIR and not _override_value(args, "hydra.run.dir") and not any(a in ("-m", "--multirun") for a in args):
-        import tempfile
-
-        scratch = tempfile.mkdtemp(prefix=f"bigml-{command}-")  # Hydra wants a run directory; nothing is kept in it
-        args = [*args, f"hydra.run.dir={scratch}"]
     is_multirun = any(a in ("-m", "--multirun") for a in args) or _override_value(args, "hparams_search")
     flags = [a for a in args if a.startswith("-")]
+    inspecting = any(f in ("--cfg", "-c", "--help", "-h", "--info", "-i") for f in flags)
     if is_multirun:
+        args = open_keys(quote_free_text(command, args))
+        scratch = None
         if "TORCHELASTIC_RUN_ID" in os.environ:
             raise UsageError("a multirun sweep under torchrun would run the whole sweep in every rank; "
                              "launch one torchrun per configuration instead")
-        if not any(f in ("--cfg", "-c", "--help", "-h", "--info", "-i") for f in flags):
+        if not inspecting:
             sweep.check_sweep(command, _config_dir(), [a for a in args if not a.startswith("-")])
-    elif not any(f in ("--cfg", "-c", "--help", "-h", "--info", "-i") for f in flags):
-        args = _torchrun_run_dir(command, _redirect_resume(command, args))
+    else:
+        args, scratch = prepare_overrides(command, args, inspecting)
     app = hydra.main(config_path=_config_dir(), config_name=command, version_base="1.3")(task)
     sys.argv = [f"bigml {command}", *args]
     sweep.LAST_SWEEP.clear()
@@ -345,6 +363,46 @@ def run_command(command: str, args: list[str]) -> None:
         raise BigmlError(f"{s['failed']} of {s['jobs']} sweep jobs failed; see {s['sweep_dir']}/summary.csv")
 
 
+def _help(command: str, overrides: list[str]) -> int:
+    from bigml.help import render_help
+
+    try:
+        sys.stdout.write(render_help(command, open_keys(quote_free_text(command, overrides))))
+    except Exception as e:  # noqa: BLE001 - e.g. `--help model=bert-smal`: the one-line error
+        code, line = explain(e)
+        sys.stderr.write(f"bigml {command}: error: {line}\n")
+        return code
+    return EXIT_OK
+
+
+def _shell_completion_request(args: list[str]) -> str | None:
+    """Hydra's `-sc install=bash` (its own completion cannot parse `bigml <command>`): bigml's script."""
+    for i, a in enumerate(args):
+        if a in ("-sc", "--shell-completion") and i + 1 < len(args):
+            value = args[i + 1]
+            if value.startswith("install="):
+                return value.split("=", 1)[1]
+            return "?" + value
+    return None
+
+
+def _completion(command: str, args: list[str]) -> int:
+    from bigml.help import complete, completion_script
+
+    if command == "__complete":  # called by the shell function: the line typed so far
+        sys.stdout.write("\n".join(complete(args[0] if args else "bigml ")) + "\n")
+        return EXIT_OK
+    if not args or args[0].startswith("?"):
+        sys.stderr.write("bigml completion: say which shell: `source <(bigml completion bash)` (or zsh)\n")
+        return EXIT_USAGE
+    try:
+        sys.stdout.write(completion_script(args[0]))
+    except UsageError as e:
+        sys.stderr.write(f"bigml completion: error: {e}\n")
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -357,12 +415,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigml {__version__}")
         return EXIT_OK
     command, args = argv[0], argv[1:]
+    if command in ("completion", "__complete"):
+        return _completion(command, args)
     if command not in COMMANDS:
         sys.stderr.write(f"bigml: unknown command {command!r}{did_you_mean(command, COMMANDS)}; "
                          f"choose one of {', '.join(COMMANDS)} (bigml --help)\n")
         return EXIT_USAGE
     if argv is not None and sys.argv[1:] != argv:
         sys.argv = [sys.argv[0], *argv]  # called as a function (tests): make DDP re-launch see the same
+    if any(a in ("-h", "--help") for a in args):  # the command's own help, not Hydra's generic page
+        return _help(command, [a for a in args if not a.startswith("-")])
+    shell = _shell_completion_request(args)
+    if shell is not None:
+        return _completion("completion", [shell])
     from bigml.hardware import tune_malloc
     from bigml.run_dir import setup_console_logging
 

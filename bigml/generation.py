@@ -21,6 +21,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from transformers.generation.streamers import BaseStreamer
 
 from bigml.errors import ConfigError, DataError, UsageError
+from bigml.progress import track
 
 log = logging.getLogger("bigml")
 
@@ -280,7 +281,9 @@ def decode_prompts(cfg, model, tokenizer, records, single: bool, field: str, sto
     total_new, total_s, first_token_s, truncated = 0, 0.0, None, []
     bs = int(cfg.batch_size)
     try:
-        for start in range(0, len(records), bs):
+        starts = range(0, len(records), bs)
+        # a bar only for several batches: one prompt streams its text to the same terminal
+        for start in track(starts, "generating", unit="batches") if len(starts) > 1 else starts:
             chunk = records[start:start + bs]
             batch = gen.generate([r[field] for r in chunk], stream_to=stream_to)
             total_new += sum(sum(c) for c in batch.new_tokens)

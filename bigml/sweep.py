@@ -139,6 +139,7 @@ class SweepSummary(Callback):
         LAST_SWEEP.clear()
         LAST_SWEEP.update(summary)
         _print_table(rows, metric, sweep_dir)
+        plot_sweep(rows, metric, sweep_dir / "sweep.png")
 
 
 def _print_table(rows: list[dict], metric: str, sweep_dir: Path) -> None:
@@ -154,3 +155,47 @@ def _print_table(rows: list[dict], metric: str, sweep_dir: Path) -> None:
         status = r["status"] if r["status"] == "completed" else f"{r['status']}: {(r['error'] or '')[:60]}"
         table.add_row(str(r["job"]), status, shown, r["params"])
     Console(stderr=True).print(table)
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot_sweep(rows: list[dict], metric: str, out: Path) -> None:
+    """sweep.png: the sweep metric against each key the sweep varied (one panel per key; numeric
+    values on a log axis when they span more than a factor of 20, other values as categories)."""
+    varied: dict[str, list[tuple[str, float]]] = {}
+    for r in rows:
+        value = r[metric]
+        if r["status"] != "completed" or not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        for o in r["params"].split():
+            key, _, v = o.partition("=")
+            varied.setdefault(key.lstrip("+~"), []).append((v, float(value)))
+    if not varied:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(varied), figsize=(4.5 * len(varied), 3.4), squeeze=False)
+    for ax, (key, points) in zip(axes[0], sorted(varied.items()), strict=True):
+        xs = [_number(v) for v, _ in points]
+        if all(x is not None for x in xs):
+            ax.scatter(xs, [y for _, y in points])
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        else:
+            names = sorted({v for v, _ in points})
+            ax.scatter([names.index(v) for v, _ in points], [y for _, y in points])
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

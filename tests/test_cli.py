@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,13 +36,74 @@ def test_python_dash_m_works(env, tmp_path):
     assert p.returncode == 0 and p.stdout.startswith("bigml ")
 
 
-def test_command_help_shows_groups_and_keys(cli):
+def test_command_help_shows_its_groups_presets_and_documented_keys(cli):
     r = cli("pretrain", "--help")
-    assert r.code == 0
-    for group in ("model", "data", "optimizer", "scheduler", "trainer", "logger", "tokenizer"):
-        assert f"{group}:" in r.out, group
-    assert "bert-tiny" in r.out and "llama-tiny" in r.out  # the presets of the model group
-    assert "max_steps" in r.out  # the composed config
+    assert r.code == 0 and "cli is powered by Hydra" not in r.out
+    groups = {line.split()[0]: line for line in r.out.split("keys (key=value)")[0].splitlines()[3:] if line.startswith("  ")}
+    for group in ("model", "data", "optimizer", "scheduler", "trainer", "logger", "tokenizer", "callbacks", "debug",
+                  "experiment"):
+        assert group in groups, group
+    assert "gpt-tiny*" in groups["model"] and "llama-tiny" in groups["model"]  # presets, the default starred
+    assert "tweets" not in groups["data"]  # labeled data is not a pretrain corpus
+    for unused in ("method", "task", "arch"):  # groups pretrain does not use, and the internal one
+        assert unused not in groups, unused
+    # keys with the comment from their YAML file
+    assert any(line.startswith("  trainer.max_steps=300") and "optimizer steps" in line for line in r.out.splitlines())
+    r = cli("finetune", "--help")
+    assert "method" in r.out and "full*, lora" in r.out and "quantize" not in r.out.split("keys (key=value)")[0]
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    ("pretrain", ["data=tweets"], "data=tweets holds labeled data, which bigml pretrain does not read"),
+    ("finetune", ["method=quantize"], "'quantize' is not a finetune method; choose one of full, lora"),
+    ("pretrain", ["method=lora"], "this command has no method group"),
+])
+def test_a_group_the_command_does_not_use_fails_at_once(cli, command, args, needle, tmp_path):
+    r = cli(command, *args, f"hydra.run.dir={tmp_path / 'r'}")
+    assert r.code == 2 and needle in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_command_has_its_config_and_back():
+    from bigml.help import conf_dir
+
+    configs = {p.stem for p in conf_dir().glob("*.yaml")} - {"common"}
+    assert configs == set(COMMANDS)
+
+
+@pytest.mark.parametrize("line, expected, unexpected", [
+    ("bigml pre", ["pretrain"], ["finetune"]),
+    ("bigml pretrain mod", ["model="], ["method="]),
+    ("bigml pretrain model=gp", ["gpt-mini", "gpt-small", "gpt-tiny"], ["bert-tiny"]),
+    ("bigml pretrain trainer.max_s", ["trainer.max_steps="], []),
+    ("bigml pretrain trainer.compile=", ["true", "false"], []),
+    ("bigml finetune task=sft sft.pa", ["sft.packing="], []),
+    ("bigml finetune method=", ["full", "lora"], ["quantize"]),
+    ("bigml completion ", ["bash", "zsh"], []),
+])
+def test_shell_completion_candidates(run_script, tmp_path, line, expected, unexpected):
+    r = run_script("__complete", line, cwd=tmp_path)
+    got = r.out.split()
+    assert r.code == 0 and set(expected) <= set(got) and not set(unexpected) & set(got), got
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_script_works_in_the_shell(run_script, env, tmp_path, shell):
+    import shutil
+
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed here (apt-get install {shell})")
+    script = run_script("completion", shell, cwd=tmp_path).out
+    (tmp_path / "c.sh").write_text(script)
+    from conftest import BIGML_SCRIPT
+
+    path = f"{Path(BIGML_SCRIPT).parent}:{env['PATH']}"
+    probe = ('source ./c.sh; COMP_LINE="bigml pretrain model=gp"; COMP_POINT=${#COMP_LINE}; _bigml_complete; '
+             'echo "${COMPREPLY[@]}"')
+    p = subprocess.run([shell, "-c", probe], cwd=tmp_path, env={**env, "PATH": path}, capture_output=True, text=True)
+    assert p.stdout.split() == ["gpt-mini", "gpt-small", "gpt-tiny"], (p.stdout, p.stderr)
+    # Hydra's own flag gives the same script
+    assert run_script("pretrain", "-sc", f"install={shell}", cwd=tmp_path).out == script
 
 
 def test_cfg_job_prints_the_composed_config(cli):

@@ -36,8 +36,8 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(run_scri
         assert two[step] == pytest.approx(one[step], abs=1e-4), step
     # one voice: rank 1 neither logs progress nor writes files
     assert ddp.err.count("run directory:") == 1
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", "bigml.log", "checkpoints", "logs",
-                                                                      "metrics.json", "model"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hydra", "bigml.log", "checkpoints", "curves.png",
+                                                                      "logs", "metrics.json", "model"]
 
 
 def test_torchrun_launch_writes_one_run_directory(env, corpus, tmp_path):

@@ -357,6 +357,7 @@ def print_report(metrics: dict) -> None:
             ("throughput (seq/s)", "throughput", "{:.1f}"), (metric, metric, "{:.4f}")]
     extra = [k for k in ("f1_macro", "loss") if k != metric and k in metrics["before"]]
     rows += [(k, k, "{:.4f}") for k in extra]
+    rows += [(f"{k} scored", k, "{:,}") for k in ("examples", "tokens") if k in metrics["before"]]  # a metric on 40 rows shows it
     b = metrics["before"]
     table = Table(title=f"bigml compress: {' -> '.join(metrics['methods'])} ({metrics['task']}; "
                         f"{b['batch_size']} x {b['seq_len']} tokens, {b['threads']} threads, median of timed runs)",

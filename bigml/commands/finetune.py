@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from bigml.models.loading import read_config, require_weights
 from bigml.models.task_model import TaskModel
 from bigml.run_dir import RunDir
 from bigml.tasks import Task, get_task, task_names
-from bigml.training.checkpoints import checkpoint_callbacks
+from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
 from bigml.training.trainer import build_trainer, trainer_kwargs
 
 log = logging.getLogger("bigml")
@@ -130,6 +131,17 @@ def _validate_before_max_steps(cfg: DictConfig, batches_per_epoch: int) -> None:
         cfg.trainer.val_check_interval = max_steps * accumulate
 
 
+def stepping_batches(cfg: DictConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the whole run (the schedule's length), computed here rather than by
+    Lightning's `estimated_stepping_batches`, which sets up the train loader before a checkpoint
+    is restored and so loses the loader's position on resume."""
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    max_steps = int(cfg.trainer.get("max_steps") or -1)
+    epochs = cfg.trainer.get("max_epochs")
+    total = math.ceil(batches_per_epoch / accumulate) * int(epochs) if epochs not in (None, -1) else max_steps
+    return max(min(total, max_steps) if max_steps > 0 else total, 1)
+
+
 # -- the recipe ------------------------------------------------------------------------------------
 
 def setup_data(cfg, task: Task) -> FinetuneData:
@@ -173,6 +185,7 @@ def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: Fin
                                  int(cfg.checkpoint.get("keep", 1)), monitor=f"val_{metric}", mode=mode)
     stop = EarlyStopping(monitor=f"val_{metric}", mode=mode, patience=int(cfg.finetune.early_stopping.patience))
     _validate_before_max_steps(cfg, len(train_loader))
+    module.total_steps = stepping_batches(cfg, len(train_loader))
     trainer, _ = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model)
     return trainer, ckpts, train_loader, val_loader
 
@@ -220,7 +233,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metric, mode = monitor_of(cfg, task)
     check_gate_names(cfg.eval, task)
     trainer_kwargs(cfg)
-    run_dir = RunDir.open(cfg)
+    resuming = bool(cfg.get("resume"))
+    run_dir = RunDir.open(cfg, resuming=resuming)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     data = setup_data(cfg, task)
@@ -239,9 +253,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir.write_metrics(metrics, status="dry_run")
         return metrics
 
+    ckpt_path = resume_checkpoint(cfg.get("resume"), run_dir.path)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
     module.model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    # weights_only=False for bigml's own checkpoints (they carry RNG states: numpy arrays)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=False if ckpt_path else None)
     train_time = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -270,7 +289,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         show = {k: metrics[k] for k in ("task", "method", "model", "params", "trainable_params", "step", "train_loss",
                                        "samples_per_sec") if k in metrics}
         show.update({k: v for k, v in metrics.items() if k.startswith(("val_", "test_")) and k.split("_", 1)[1] in
-                     (*task.summary_metrics, "loss")})
+                     (*task.summary_metrics, "loss", "examples")})
         show["model_dir"] = str(run_dir.model_dir)
         print_summary("bigml finetune", show)
     return metrics

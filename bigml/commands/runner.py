@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from bigml import run_dir as run_dir_module
 from bigml.config_check import check_types
 from bigml.errors import UsageError
+from bigml.help import check_choices
 from bigml.run_dir import (
     RunDir,
     close_file_logs,
@@ -38,6 +39,7 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
     run_dir_module.JOB_STARTED = time.time() if multirun else None
     try:
         check_types(cfg, hydra_cfg.job.config_name)  # before the slow imports: bad values fail in a blink
+        check_choices(command, dict(hydra_cfg.runtime.choices), cfg)
         quiet_libraries(verbose=bool(cfg.get("verbose", False)))
         if cfg.get("threads"):
             import torch

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bigml.compression import storage
+from bigml.progress import track
 
 
 def example_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> tuple[dict, int]:
@@ -47,7 +48,7 @@ def latency(model: nn.Module, batch: dict, warmup: int, repeats: int) -> float:
         for _ in range(max(warmup, 0)):
             model(**kw)
         times = []
-        for _ in range(max(repeats, 1)):
+        for _ in track(range(max(repeats, 1)), "timing forwards", unit="runs"):
             t0 = time.perf_counter()
             model(**kw)
             times.append(time.perf_counter() - t0)

@@ -257,7 +257,8 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, group: bool = True):
         self.lengths, self.batch_size, self.seed, self.shuffle, self.group = lengths, batch_size, seed, shuffle, group
-        self.epoch = 0
+        self.epoch = 0  # the order depends on it; Lightning sets it every epoch (set_epoch)
+        self.skip = 0  # batches of this epoch's order already trained on (resume)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -274,22 +275,55 @@ class LengthGroupedSampler(Sampler[list[int]]):
         if self.shuffle and self.group:
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]
-        self.epoch += 1 if self.shuffle else 0
-        return iter(batches)
+        skip, self.skip = self.skip, 0
+        return iter(batches[skip:])
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
 def make_loader(ds: datasets.Dataset, collate, batch_size: int, shuffle: bool = False,
-                group_by_length: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
+                group_by_length: bool = False, seed: int = 0, num_workers: int = 0):
     """Dynamic padding (`collate`: the task's collate_fn); evaluation loaders keep the row order
-    (predictions line up with rows)."""
+    (predictions line up with rows). Training loaders (shuffle=True) can resume mid-epoch."""
     cols = [c for c in ds.column_names if c != "length"]
     lengths = list(ds["length"]) if "length" in ds.column_names else [0] * len(ds)
     ds = ds.select_columns(cols).with_format(None)
     sampler = LengthGroupedSampler(lengths, batch_size, seed, shuffle=shuffle, group=group_by_length and shuffle)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    # its own generator: creating the iterator then draws no number from torch's global RNG, whose
+    # stream (dropout) must continue exactly after a resume
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed))
+    return ResumableBatches(loader) if shuffle else loader
+
+
+class ResumableBatches:
+    """A DataLoader over a LengthGroupedSampler whose position Lightning stores in checkpoints
+    (the `_Stateful` protocol, as bigml.data.packed.ResumableLoader for packed corpora): `resume`
+    continues at the next unseen batch of the same epoch's order."""
+
+    def __init__(self, loader: DataLoader):
+        # `sampler` is what Lightning calls set_epoch on (it looks at a loader's sampler, not its batch sampler)
+        self._loader, self.batch_sampler = loader, loader.batch_sampler
+        self.sampler = self.batch_sampler
+        self.dataset, self.collate_fn = loader.dataset, loader.collate_fn
+        self._consumed = self._skip = 0
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        self.batch_sampler.skip, self._consumed, self._skip = self._skip, self._skip, 0
+        for batch in self._loader:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.batch_sampler.epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.epoch = int(state["epoch"])
+        self._skip = int(state["consumed"]) % max(len(self), 1)
 
 
 def prepare_splits(cfg, task, tokenizer, label_names: list[str] | None = None, splits=("train", "val", "test"),

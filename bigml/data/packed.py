@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bigml.atomic import atomic_directory
 from bigml.errors import DataError
+from bigml.progress import Progress
 
 log = logging.getLogger(__name__)
 _FORMAT_VERSION = 1
@@ -80,13 +81,17 @@ def pack_corpus(data_cfg, tokenizer, task, documents_factory, corpus_key: str,
         # Forked workers and the Rust thread pool don't mix; each worker then tokenizes on one thread.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+    progress = Progress("tokenizing the corpus", total=len(docs), unit="documents")
+
     def encode(batch):
         ids = tokenizer(batch["text"], add_special_tokens=True, verbose=False)["input_ids"]
         ids = [x + sep for x in ids]
+        progress.update(len(ids))  # (in the worker processes with num_proc > 1: not shown)
         return {"ids": ids, "n": [len(x) for x in ids], "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
 
-    tokenized = docs.map(encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                         remove_columns=["text"], desc="tokenizing")
+    with progress:
+        tokenized = docs.map(encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                             remove_columns=["text"], desc="tokenizing")
     lengths = np.asarray(tokenized["n"], dtype=np.int64)
     n_tokens = int(lengths.sum())
     n_bytes = int(np.asarray(tokenized["n_bytes"], dtype=np.int64).sum())
@@ -101,10 +106,12 @@ def pack_corpus(data_cfg, tokenizer, task, documents_factory, corpus_key: str,
     with atomic_directory(where) as tmp:
         out = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="w+", shape=(n_tokens,))
         pos = 0
-        for batch in tokenized.iter(batch_size=1024):  # streamed from Arrow: memory stays flat
-            for ids in batch["ids"]:
-                out[pos:pos + len(ids)] = ids
-                pos += len(ids)
+        with Progress("packing tokens", total=n_tokens, unit="tokens") as packing:
+            for batch in tokenized.iter(batch_size=1024):  # streamed from Arrow: memory stays flat
+                for ids in batch["ids"]:
+                    out[pos:pos + len(ids)] = ids
+                    pos += len(ids)
+                packing.update(sum(len(ids) for ids in batch["ids"]))
         out.flush()
         del out
         meta = dict(dtype=dtype, n_tokens=n_tokens, n_train=n_tokens - n_val, n_documents=len(lengths),
@@ -172,9 +179,11 @@ class ResumableLoader:
     def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, num_workers: int = 0,
                  drop_last: bool = True):
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        # its own generator: creating the iterator then draws no number from torch's global RNG
+        # (dropout, masking), whose stream must continue exactly after a resume
         self._loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                   drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                                  persistent_workers=False)
+                                  persistent_workers=False, generator=torch.Generator().manual_seed(sampler.seed))
         self._consumed = 0  # batches handed out in the current epoch
         self._skip = 0
 

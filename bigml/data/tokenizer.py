@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from bigml.atomic import atomic_directory
 from bigml.errors import ConfigError, DataError
+from bigml.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,13 @@ def load_tokenizer(path: str, key: str = "tokenizer.path") -> PreTrainedTokenize
 
 def _iter_text(texts: Callable[[], Iterable[str]], max_bytes: int) -> Iterator[str]:
     seen = 0
-    for t in texts():
-        yield t
-        seen += len(t)
-        if seen >= max_bytes:
-            return
+    with Progress("training the tokenizer: reading text", unit="bytes") as progress:
+        for t in texts():
+            yield t
+            seen += len(t)
+            progress.update(len(t))
+            if seen >= max_bytes:
+                return
 
 
 def _build(kind: str, task, vocab_size: int, min_frequency: int, lowercase: bool,

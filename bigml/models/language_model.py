@@ -8,11 +8,9 @@ every run (the numbers are comparable across runs and machines).
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric
@@ -21,10 +19,11 @@ from transformers import CONFIG_MAPPING
 from bigml.errors import TrainingDiverged
 from bigml.models.loading import build_model, load_model
 from bigml.tasks import get_task
+from bigml.training.exact_resume import ExactResume
 from bigml.training.optim import build_optimizer, build_scheduler
 
 
-class LanguageModel(pl.LightningModule):
+class LanguageModel(ExactResume, pl.LightningModule):
     """Wraps a transformers *ForCausalLM / *ForMaskedLM model.
 
     Only plain dicts reach `save_hyperparameters`, so checkpoints never pickle live objects.
@@ -109,30 +108,11 @@ class LanguageModel(pl.LightningModule):
         scheduler = build_scheduler(self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -- exact resume: RNG streams and counters travel in the checkpoint ----------------------
+    # -- exact resume: the token counter travels in the checkpoint (RNG streams: ExactResume) --------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bigml"] = {
-            "tokens_seen": self.tokens_seen,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-        }
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["bigml"]["tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("bigml", {})
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self._pending_rng = state.get("rng")
-
-    def on_train_start(self) -> None:
-        # Restored here, not in on_load_checkpoint, so nothing that runs in between (dataloader
-        # set-up, sanity validation) can consume random numbers.
-        rng, self._pending_rng = self._pending_rng, None
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        super().on_load_checkpoint(checkpoint)
+        self.tokens_seen = int(checkpoint.get("bigml", {}).get("tokens_seen", 0))

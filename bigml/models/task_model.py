@@ -17,6 +17,7 @@ from transformers import CONFIG_MAPPING
 from bigml.errors import ConfigError, TrainingDiverged
 from bigml.models.loading import build_model, load_model
 from bigml.tasks import get_task
+from bigml.training.exact_resume import ExactResume
 from bigml.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("bigml")
@@ -75,7 +76,7 @@ def apply_lora(model, task, method: dict):
                           "name modules of the model, e.g. method.target_modules=[query,value]") from None
 
 
-class TaskModel(pl.LightningModule):
+class TaskModel(ExactResume, pl.LightningModule):
     def __init__(self, task: str, label_names: list[str], optimizer: dict, scheduler: dict,
                  init_path: str | None = None, hf_config: dict | None = None, pad_token_id: int | None = None,
                  method: dict | None = None, freeze_embeddings: bool = False, freeze_layers: int = 0,
@@ -101,6 +102,7 @@ class TaskModel(pl.LightningModule):
         self._recent: deque[torch.Tensor] = deque(maxlen=20)
         self.samples_seen = 0
         self.tokens_trained = 0
+        self.total_steps: int | None = None  # the schedule's length, when the caller knows it
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.task.finetune_loss(self, batch)
@@ -127,5 +129,6 @@ class TaskModel(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.hparams.optimizer, self.model)
-        scheduler = build_scheduler(self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches))
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)  # finetune sets total_steps
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -12,6 +12,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from bigml.errors import ConfigError, DataError
+from bigml.progress import track
 
 
 def _device(model) -> torch.device:
@@ -54,7 +55,8 @@ def evaluate(task, model, tokenizer, cfg) -> dict[str, float]:
     targets = 0
     model.eval()
     with torch.no_grad():
-        for i, ids in enumerate(loader):
+        total = min(len(loader), int(max_batches)) if max_batches is not None else len(loader)
+        for i, ids in enumerate(track(loader, "scoring", total=total, unit="batches")):
             if max_batches is not None and i >= int(max_batches):
                 break
             loss, n, hits = task.score_block(model, ids.to(device), i, **options)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from bigml.progress import track
 from bigml.tasks._report import Report
 
 
@@ -55,7 +56,7 @@ def evaluate(task, model, tokenizer, cfg, split: str = "test", keep_rows: bool =
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(track(loader, "scoring", unit="batches")):
             if max_batches is not None and i >= int(max_batches):
                 break
             batch = {k: v.to(device) for k, v in batch.items()}

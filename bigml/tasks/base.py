@@ -434,7 +434,14 @@ class LabeledTask(Task):
 
 
 def _finish_encoding(ds, fn, truncated: list[int], max_length: int, where: str):
-    out = ds.map(fn, batched=True, batch_size=512, remove_columns=list(ds.column_names), load_from_cache_file=False)
+    from bigml.progress import Progress
+
+    with Progress(f"{where}: encoding", total=len(ds), unit="rows") as progress:
+        def counted(b):
+            progress.update(len(b["label"]))
+            return fn(b)
+
+        out = ds.map(counted, batched=True, batch_size=512, remove_columns=list(ds.column_names), load_from_cache_file=False)
     if truncated[0]:
         log.warning("%s: %d of %d texts are longer than %d tokens and were truncated (raise data.max_length "
                     "or eval.max_length, up to the model's maximum)", where, truncated[0], len(ds), max_length)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from bigml.data import chat
 from bigml.errors import ConfigError, DataError, UsageError
+from bigml.progress import track
 from bigml.tasks._report import Report
 from bigml.tasks.causal_lm import CausalLM
 
@@ -232,7 +233,7 @@ class DPO(CausalLM):
         model.eval()
         device = next(model.parameters()).device
         with torch.no_grad():
-            for i, batch in enumerate(make_loader(encoded, self.collate_fn(tokenizer), bs)):
+            for i, batch in enumerate(track(make_loader(encoded, self.collate_fn(tokenizer), bs), "scoring", unit="batches")):
                 if cfg.eval.get("max_batches") is not None and i >= int(cfg.eval.max_batches):
                     break
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -269,7 +270,8 @@ def with_reference(model, ds, tokenizer, batch_size: int):
     device = next(model.parameters()).device
     chosen, rejected = [], []
     with torch.no_grad():
-        for batch in make_loader(ds, lambda rows: pair_batch(rows, tokenizer.pad_token_id), batch_size):
+        loader = make_loader(ds, lambda rows: pair_batch(rows, tokenizer.pad_token_id), batch_size)
+        for batch in track(loader, "reference log-probs", unit="batches"):
             pi, _ = answer_logps(model, {k: v.to(device) for k, v in batch.items()})
             b = pi.shape[0] // 2
             chosen += pi[:b].double().tolist()

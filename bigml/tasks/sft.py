@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from bigml.data import chat
+from bigml.progress import track
 from bigml.tasks._report import Report
 from bigml.tasks.causal_lm import CausalLM
 
@@ -119,7 +120,14 @@ class SFT(CausalLM):
                 out["length"].append(len(ids))
             return out
 
-        enc = ds.map(fn, batched=True, batch_size=256, remove_columns=ds.column_names, load_from_cache_file=False)
+        from bigml.progress import Progress
+
+        with Progress(f"{where}: rendering and encoding", total=len(ds), unit="conversations") as progress:
+            def counted(b):
+                progress.update(len(b["messages"]))
+                return fn(b)
+
+            enc = ds.map(counted, batched=True, batch_size=256, remove_columns=ds.column_names, load_from_cache_file=False)
         chat.report_skipped(skipped, len(ds), where)
         if truncated[0]:
             log.warning("%s: %d of %d conversations are longer than %d tokens and were truncated (raise "
@@ -214,7 +222,7 @@ class SFT(CausalLM):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(track(loader, "scoring", unit="batches")):
                 if max_batches is not None and i >= int(max_batches):
                     break
                 batch = {k: v.to(_device(model)) for k, v in batch.items()}
@@ -248,7 +256,7 @@ class SFT(CausalLM):
                         stops=[], chat=True, prompt_overflow="truncate")
         bs = int(cfg.eval.get("batch_size") or 32)
         rows = []
-        for start in range(0, len(prompts), bs):
+        for start in track(range(0, len(prompts), bs), "generating answers", unit="batches"):
             chunk = prompts[start:start + bs]
             out = gen.generate(chunk).completions
             for messages, ref, texts in zip(chunk, refs[start:start + bs], out, strict=True):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.utilities import GradClipAlgorithmType
@@ -20,15 +18,11 @@ from bigml import hardware
 from bigml.callbacks.progress import LogLines
 from bigml.callbacks.throughput import ThroughputMeter
 from bigml.errors import ConfigError, UsageError
+from bigml.progress import interactive
 from bigml.training.checkpoints import AtomicCheckpointIO
 
 log = logging.getLogger("bigml")
-BIGML_TRAINER_KEYS = ("compile", "fsdp")  # keys of conf/trainer that are bigml's, not Trainer arguments
-
-
-def interactive() -> bool:
-    """A person is watching: rich progress. Otherwise (pipes, CI) plain lines."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
+BIGML_TRAINER_KEYS = ("compile", "fsdp", "gradient_checkpointing")  # conf/trainer keys that are bigml's, not Trainer arguments
 
 
 def trainer_kwargs(cfg) -> tuple[dict, dict]:
@@ -58,6 +52,35 @@ def build_logger(cfg):
             pkg = {"TensorBoardLogger": "tensorboard", "MLFlowLogger": "mlflow", "WandbLogger": "wandb"}.get(name, "it")
             raise UsageError(f"logger: {name} needs a package that is not installed; pip install {pkg}") from None
         raise
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """trainer.gradient_checkpointing=true: recompute each block's activations in the backward pass
+    (transformers' gradient checkpointing; less memory, about a third more compute)."""
+    if model is None or not getattr(model, "supports_gradient_checkpointing", False) and \
+            not hasattr(getattr(model, "base_model", None), "gradient_checkpointing_enable"):
+        raise UsageError(f"trainer.gradient_checkpointing: {type(model).__name__} does not support it")
+    # non-reentrant checkpointing: works with frozen inputs (LoRA) and without use_cache juggling
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+
+def configured_callbacks(cfg, logger) -> list[pl.Callback]:
+    """The `callbacks` group (conf/callbacks/): each entry instantiated from its `_target_`."""
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or node.get("_target_") is None:
+            continue
+        if node["_target_"].endswith("LearningRateMonitor") and not logger:
+            continue  # it writes into the logger; with logger=none there is none
+        try:
+            out.append(instantiate(node))
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise UsageError(f"callbacks.{name}: cannot build {node['_target_']} "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0][:160]})") from None
+    return out
 
 
 def block_classes(model) -> set[type]:
@@ -122,6 +145,8 @@ def _autocast_device(accelerator: str) -> str:
 def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per_token: float | None,
                   monitor_progress: bool = True, model=None) -> tuple[pl.Trainer, ThroughputMeter]:
     kwargs, extra = trainer_kwargs(cfg)
+    if extra.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
     if kwargs.get("strategy") == "fsdp":
         if model is None:
             raise UsageError("trainer=fsdp: this command does not support FSDP; use trainer=ddp")
@@ -134,10 +159,13 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     if monitor_progress:
         progress = [RichProgressBar(leave=True)] if interactive() else [LogLines(kwargs.get("log_every_n_steps", 10))]
     logger = build_logger(cfg)
-    all_callbacks = [*callbacks, meter, *progress]
-    if logger:
-        all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    all_callbacks = [*callbacks, meter, *progress, *configured_callbacks(cfg, logger)]
     kwargs.setdefault("check_val_every_n_epoch", None)  # validate every val_check_interval steps, across epochs
+    if kwargs.get("profiler") == "pytorch":  # debug=profiler: the trace goes into the run directory
+        from pytorch_lightning.profilers import PyTorchProfiler
+
+        kwargs["profiler"] = PyTorchProfiler(dirpath=str(Path(run_dir) / "profiler"), filename="profile",
+                                             export_to_chrome=True, sort_by_key="cpu_time_total", row_limit=30)
     plugins: list = [AtomicCheckpointIO()]
     if kwargs.get("precision") == "bf16-mixed" and not _is_fsdp(kwargs.get("strategy")):
         plugins.append(Bf16Mixed(_autocast_device(str(kwargs.get("accelerator", "auto")))))
