@@ -65,6 +65,14 @@ def explain(exc: BaseException) -> tuple[int, str]:
 
     if isinstance(exc, BigmlError):
         return exc.exit_code, str(exc)
+    m = re.search(r"Could not load '([\w/-]+)/([^'/]+)'", str(exc))
+    if isinstance(exc, (ConfigCompositionException, MissingConfigException)) and m:  # a preset in a list: callbacks=[x]
+        from bigml.help import conf_dir
+
+        group, name = m.groups()
+        options = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+        return EXIT_USAGE, (f"{group}={name}: no such {group} preset{did_you_mean(name, options)}; "
+                            f"choose one of {', '.join(options)}")
     if isinstance(exc, MissingConfigException):
         # "Could not find 'model/bert-smal'\n\nAvailable options in 'model':\n\tbert-base ..."
         msg = str(exc)

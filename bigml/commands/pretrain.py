@@ -26,7 +26,7 @@ from bigml.models.loading import read_config
 from bigml.run_dir import RunDir
 from bigml.tasks import get_task, language_model_task
 from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
-from bigml.training.trainer import build_trainer, full_state_dict, replicas_identical, trainer_kwargs
+from bigml.training.trainer import build_trainer, full_state_dict, overfit_batches, replicas_identical, trainer_kwargs
 
 log = logging.getLogger("bigml")
 
@@ -115,7 +115,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     n_params = architectures.count_params(module.model)
     block = int(cfg.data.block_size)
-    datamodule = PackedCorpusDataModule(info, block, int(cfg.data.batch_size), int(cfg.seed), int(cfg.data.num_workers))
+    datamodule = PackedCorpusDataModule(info, block, int(cfg.data.batch_size), int(cfg.seed), int(cfg.data.num_workers),
+                                        overfit_batches=overfit_batches(cfg))
     ckpt_cbs = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep))
     trainer, meter = build_trainer(cfg, run_dir.path, callbacks=ckpt_cbs,
                                    flops_per_token=hardware.flops_per_token(module.model.config, block), model=module.model)

@@ -209,11 +209,15 @@ class ResumableLoader:
 class PackedCorpusDataModule(pl.LightningDataModule):
     """Train/validation blocks from a packed corpus (see `pack_corpus`)."""
 
-    def __init__(self, info: PackedCorpusInfo, block_size: int, batch_size: int, seed: int, num_workers: int = 0):
+    def __init__(self, info: PackedCorpusInfo, block_size: int, batch_size: int, seed: int, num_workers: int = 0,
+                 overfit_batches: int = 0):
         super().__init__()
         self.info, self.block_size, self.batch_size, self.seed, self.num_workers = info, block_size, batch_size, seed, num_workers
         self.train_set = PackedBlocks(info, 0, info.n_train, block_size)
         self.val_set = PackedBlocks(info, info.n_train, info.n_tokens, block_size)
+        self.overfit = int(overfit_batches)
+        if self.overfit:  # debug=overfit: the first N training batches, every epoch, and validated on
+            self.val_set = torch.utils.data.Subset(self.train_set, range(min(self.overfit * batch_size, len(self.train_set))))
         if len(self.val_set) == 0 or len(self.train_set) == 0:
             raise DataError(f"data.block_size={block_size}: longer than the corpus' train or validation split; lower it")
 
@@ -223,7 +227,7 @@ class PackedCorpusDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = self._rank()
-        sampler = ResumableSampler(len(self.train_set), self.seed, shuffle=True, rank=rank, world_size=world)
+        sampler = ResumableSampler(len(self.train_set), self.seed, shuffle=not self.overfit, rank=rank, world_size=world)
         if len(sampler) < self.batch_size:
             raise DataError(
                 f"data.batch_size={self.batch_size}: the training split has only {len(sampler)} blocks per process; "

@@ -33,11 +33,21 @@ def trainer_kwargs(cfg) -> tuple[dict, dict]:
         raise ConfigError("trainer.precision", f"unknown precision {kwargs.get('precision')!r}",
                           f"choose one of {', '.join(hardware.PRECISIONS)}")
     kwargs["precision"] = hardware.resolve_precision(str(kwargs["precision"]), str(kwargs.get("accelerator", "auto")))
+    overfit = kwargs.pop("overfit_batches", 0) or 0
+    if overfit:
+        # debug=overfit: bigml's loaders serve the same first batches every epoch themselves
+        # (overfit_batches(cfg)); Lightning's own switch only works on plain DataLoaders
+        kwargs["limit_train_batches"] = int(overfit)
     if kwargs.get("strategy") == "fsdp" and not torch.cuda.is_available():
         raise UsageError("trainer=fsdp needs CUDA GPUs (Lightning's FSDP has no CPU path); on CPU use trainer=ddp")
     if kwargs.get("max_epochs") is None and kwargs.get("max_steps", -1) in (-1, None):
         raise ConfigError("trainer.max_steps", "neither max_steps nor max_epochs is set", "set one of them")
     return kwargs, extra
+
+
+def overfit_batches(cfg) -> int:
+    """trainer.overfit_batches (debug=overfit): train on the same first N batches, unshuffled."""
+    return int(cfg.trainer.get("overfit_batches") or 0)
 
 
 def build_logger(cfg):
@@ -161,11 +171,6 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     logger = build_logger(cfg)
     all_callbacks = [*callbacks, meter, *progress, *configured_callbacks(cfg, logger)]
     kwargs.setdefault("check_val_every_n_epoch", None)  # validate every val_check_interval steps, across epochs
-    if kwargs.get("profiler") == "pytorch":  # debug=profiler: the trace goes into the run directory
-        from pytorch_lightning.profilers import PyTorchProfiler
-
-        kwargs["profiler"] = PyTorchProfiler(dirpath=str(Path(run_dir) / "profiler"), filename="profile",
-                                             export_to_chrome=True, sort_by_key="cpu_time_total", row_limit=30)
     plugins: list = [AtomicCheckpointIO()]
     if kwargs.get("precision") == "bf16-mixed" and not _is_fsdp(kwargs.get("strategy")):
         plugins.append(Bf16Mixed(_autocast_device(str(kwargs.get("accelerator", "auto")))))
