@@ -174,7 +174,8 @@ def setup_module(cfg, task: Task, data: FinetuneData) -> TaskModel:
                      scheduler=_plain(cfg.scheduler), init_path=str(cfg.model.path) if cfg.model.get("path") else None,
                      hf_config=data.hf_config, pad_token_id=data.tokenizer.pad_token_id, method=_plain(cfg.method),
                      freeze_embeddings=bool(cfg.finetune.freeze_embeddings), freeze_layers=int(cfg.finetune.freeze_layers),
-                     class_weights=weights, threshold=float(cfg.task.get("threshold") or 0.5),
+                     class_weights=weights,
+                     threshold=0.5 if cfg.task.get("threshold") is None else float(cfg.task.threshold),
                      options=task.module_options(cfg))
 
 

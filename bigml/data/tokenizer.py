@@ -28,7 +28,7 @@ from bigml.progress import Progress
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "wordpiece", "bpe", "char")
-_FORMAT_VERSION = 1  # bump when the way tokenizers are built changes, to invalidate caches
+_FORMAT_VERSION = 2  # bump when the way tokenizers are built changes, to invalidate caches
 
 
 
@@ -132,7 +132,8 @@ def train_or_load(tok_cfg, task, corpus_key: str, texts: Callable[[], Iterable[s
     raw = _build(kind, task, vocab_size, min_frequency, lowercase, texts, max_bytes)
     if raw.get_vocab_size() < 8:
         raise DataError("the corpus is too small to train a tokenizer; give more text or set tokenizer.path")
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=model_max_length, **task.special_tokens)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=model_max_length,
+                                  model_input_names=list(task.model_input_names), **task.special_tokens)
     with atomic_directory(where) as tmp:
         tok.save_pretrained(str(tmp))
         (tmp / "bigml_tokenizer.json").write_text(json.dumps(settings, indent=2))

@@ -48,7 +48,8 @@ def evaluate(task, model, tokenizer, cfg, split: str = "test", keep_rows: bool =
         encoded = task.encode(ds, tokenizer, label2id, max_length, where=f"data ({split} split)")
         raw_rows = ds
     loader = labeled.make_loader(encoded, task.collate_fn(tokenizer), int(cfg.eval.get("batch_size") or 32))
-    threshold = float((cfg.get("task") or {}).get("threshold") or 0.5)
+    threshold = (cfg.get("task") or {}).get("threshold")
+    threshold = 0.5 if threshold is None else float(threshold)  # 0.0 is a threshold too
     scorer = task.scorer(names, int(cfg.eval.get("ece_bins") or 15), threshold)
     device = _device(model)
     rows: list[dict[str, Any]] | None = [] if keep_rows else None

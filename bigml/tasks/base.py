@@ -463,6 +463,7 @@ class LanguageModelTask(Task):
     headline_metric = "perplexity"
     special_tokens: ClassVar[dict[str, str]] = {}
     default_tokenizer: ClassVar[str] = "bpe"  # tokenizer.kind=auto
+    model_input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")  # what its tokenizer returns
     mapping_names: ClassVar[str] = ""        # transformers' MODEL_FOR_*_MAPPING_NAMES of its families
 
     def pretrains(self, config) -> bool:

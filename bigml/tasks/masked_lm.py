@@ -53,6 +53,7 @@ class MaskedLM(LanguageModelTask):
     special_tokens = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                       "mask_token": "[MASK]"}
     default_tokenizer = "wordpiece"
+    model_input_names = ("input_ids", "token_type_ids", "attention_mask")  # sentence pairs: segment ids
     infer_priority = 50
 
     def claims(self, config) -> bool:
