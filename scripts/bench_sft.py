@@ -23,16 +23,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
+import re
 import sys
 import tempfile
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import bigml_cmd, parser, peak_rss_of, table  # noqa: E402
+from benchlib import bigml_cmd, parser, peak_rss, peak_rss_of, table  # noqa: E402
 
 TRL_SCRIPT = textwrap.dedent('''
     import json, sys, tempfile, time
@@ -64,33 +62,6 @@ TRL_SCRIPT = textwrap.dedent('''
     print(json.dumps({"trained_tokens_per_sec": tokens / dt, "train_time_s": dt, "steps": out.global_step,
                       "train_loss": out.training_loss}))
 ''')
-
-
-def peak_rss_of_python(code: str, args: list[str], env: dict) -> tuple[float, dict]:
-    """Run `python -c code args...` sampling its resident memory; (peak MiB, the JSON it printed last)."""
-    import psutil
-
-    p = subprocess.Popen([sys.executable, "-c", code, *args], env={**os.environ, **env}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    proc, peak, stop = psutil.Process(p.pid), 0, False
-
-    def sample():
-        nonlocal peak
-        while not stop:
-            try:
-                peak = max(peak, proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    out, err = p.communicate()
-    stop = True
-    th.join()
-    if p.returncode != 0:
-        raise RuntimeError(err[-3000:])
-    return peak / 2**20, json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -129,13 +100,14 @@ def main() -> None:
                     ("bigml full, packed", ["optimizer.lr=1e-3", "sft.packing=true"])]
         results = {}
         for name, extra in variants:
-            rss, wall, m = peak_rss_of(["finetune", *common, *extra, f"hydra.run.dir={tmp / name.replace(' ', '_')}"], env)
+            run = tmp / re.sub(r"\W+", "_", name)
+            rss, wall, m = peak_rss_of(["finetune", *common, *extra, f"hydra.run.dir={run}"], env)
             results[name] = (rss, m)
         trl = {}
         for mode, lr in (("full", "1e-3"), ("lora", "3e-3")):
-            rss, m = peak_rss_of_python(TRL_SCRIPT, [str(base), str(tmp / "train.jsonl"), mode, str(bs), str(max_len),
-                                                     str(epochs), lr], env)
-            trl[mode] = (rss, m)
+            rss, _, out, _ = peak_rss([sys.executable, "-c", TRL_SCRIPT, str(base), str(tmp / "train.jsonl"), mode,
+                                       str(bs), str(max_len), str(epochs), lr], env)
+            trl[mode] = (rss, json.loads(out.strip().splitlines()[-1]))
         _, _, _ = bigml_cmd("eval", "task=sft", f"model.path={base}", f"data.path={tmp / 'test.jsonl'}",
                             "eval.generate=true", "eval.max_new_tokens=4", "eval.batch_size=64",
                             f"hydra.run.dir={tmp / 'base-eval'}", env=env)

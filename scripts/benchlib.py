@@ -82,18 +82,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def peak_rss_of(cmd_args: list[str], env: dict | None = None) -> tuple[float, float, dict]:
-    """Run `bigml <cmd_args>` (which must set hydra.run.dir=), sampling its resident memory every
-    50 ms; (peak MiB, wall seconds, the run's metrics.json)."""
-    import json
+def peak_rss(argv: list[str], env: dict | None = None) -> tuple[float, float, str, str]:
+    """Run `argv`, sampling its resident memory every 50 ms: (peak MiB, wall seconds, stdout, stderr).
+    Raises RuntimeError with the end of stderr when it fails."""
     import threading
 
     import psutil
 
-    exe = shutil.which("bigml", path=str(Path(sys.executable).parent)) or "bigml"
     t0 = time.perf_counter()
-    p = subprocess.Popen([exe, *cmd_args], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc, peak, stop = psutil.Process(p.pid), 0, False
 
     def sample():
@@ -107,11 +104,20 @@ def peak_rss_of(cmd_args: list[str], env: dict | None = None) -> tuple[float, fl
 
     th = threading.Thread(target=sample)
     th.start()
-    _, err = p.communicate()
+    out, err = p.communicate()
     stop = True
     th.join()
-    wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(err[-3000:])
+    return peak / 2**20, time.perf_counter() - t0, out, err
+
+
+def peak_rss_of(cmd_args: list[str], env: dict | None = None) -> tuple[float, float, dict]:
+    """Run `bigml <cmd_args>` (which must set hydra.run.dir=) with peak_rss: (peak MiB, wall seconds,
+    the run's metrics.json)."""
+    import json
+
+    exe = shutil.which("bigml", path=str(Path(sys.executable).parent)) or "bigml"
+    peak, wall, _, _ = peak_rss([exe, *cmd_args], env)
     run_dir = next(a.split("=", 1)[1] for a in cmd_args if a.startswith("hydra.run.dir="))
-    return peak / 2**20, wall, json.loads(Path(run_dir, "metrics.json").read_text())
+    return peak, wall, json.loads(Path(run_dir, "metrics.json").read_text())

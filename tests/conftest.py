@@ -148,3 +148,16 @@ def make_labeled(path: Path, n: int = 200, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def labeled_csv(tmp_path_factory) -> Path:
     return make_labeled(tmp_path_factory.mktemp("labeled") / "data.csv")
+
+
+def kill_when(proc, root: Path, pattern: str, timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as a file matching `pattern` appears under `root` (a checkpoint)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(root.glob(pattern)):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

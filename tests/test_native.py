@@ -4,14 +4,12 @@ resume, gradient checkpointing, one meaning for the data arguments, progress lin
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIGML_SCRIPT, TINY_FT, TINY_GPT, TINY_RUN, make_labeled
+from conftest import BIGML_SCRIPT, TINY_FT, TINY_GPT, TINY_RUN, kill_when, make_labeled
 
 PRETRAIN = [*TINY_RUN, *TINY_GPT]
 
@@ -108,12 +106,7 @@ def test_finetune_resume_after_a_kill_matches_an_uninterrupted_run(run_script, e
     root = Path(env["BIGML_OUTPUT_ROOT"])
     proc = subprocess.Popen([BIGML_SCRIPT, "finetune", *FT, f"data.path={data}"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(root.glob("finetune/*/checkpoints/step-000040.ckpt")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, root, "finetune/*/checkpoints/step-000040.ckpt")
     (run_dir,) = list(root.glob("finetune/*"))
     assert not (run_dir / "metrics.json").exists()
     resumed = run_script("finetune", *FT, f"data.path={data}", "resume=auto")

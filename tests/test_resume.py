@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BIGML_SCRIPT, TINY_GPT, TINY_RUN
+from conftest import BIGML_SCRIPT, TINY_GPT, TINY_RUN, kill_when
 
 ARGS = [*TINY_RUN, *TINY_GPT, "trainer.max_steps=60", "checkpoint.every_n_steps=10", "trainer.val_check_interval=30"]
 
@@ -24,12 +22,7 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(run_script, env, 
     root = Path(env["BIGML_OUTPUT_ROOT"])
     proc = subprocess.Popen([BIGML_SCRIPT, "pretrain", *ARGS, f"data.path={corpus}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(root.glob("pretrain/*/checkpoints/step-000020.ckpt")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, root, "pretrain/*/checkpoints/step-000020.ckpt")
     (run_dir,) = list(root.glob("pretrain/*"))
     assert not (run_dir / "metrics.json").exists()  # a killed run does not look finished
 

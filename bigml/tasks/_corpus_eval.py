@@ -12,20 +12,13 @@ import torch
 from torchmetrics import MeanMetric
 
 from bigml.errors import ConfigError, DataError
-from bigml.progress import track
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(p.device for p in model.parameters())
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def evaluate(task, model, tokenizer, cfg) -> dict[str, float]:
     from bigml.data import sources
     from bigml.data.labeled import model_max_length
     from bigml.data.packed import PackedBlocks, pack_corpus
+    from bigml.tasks._scoring import scoring_batches
 
     if cfg.data.get("kind") != "corpus":
         raise ConfigError("data", f"a {task.name.replace('_', ' ')} model is scored on a text corpus, not labeled data",
@@ -46,20 +39,16 @@ def evaluate(task, model, tokenizer, cfg) -> dict[str, float]:
     if len(blocks) == 0:
         raise DataError(f"data: the corpus has fewer than {block} tokens; lower eval.max_length")
     loader = torch.utils.data.DataLoader(blocks, batch_size=int(cfg.eval.get("batch_size") or 32), shuffle=False)
-    device = _device(model)
+    device = next(model.parameters()).device
     loss_m, acc_m = MeanMetric(), MeanMetric()
     options = dict(seed=int(cfg.get("seed", 0)), mask_token_id=tokenizer.mask_token_id,
                    special_ids=torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=device),
                    probability=float(cfg.eval.get("mlm_probability") or 0.15))
-    max_batches = cfg.eval.get("max_batches")
     targets = 0
     model.eval()
     with torch.no_grad():
-        total = min(len(loader), int(max_batches)) if max_batches is not None else len(loader)
-        for i, ids in enumerate(track(loader, "scoring", total=total, unit="batches")):
-            if max_batches is not None and i >= int(max_batches):
-                break
-            loss, n, hits = task.score_block(model, ids.to(device), i, **options)
+        for i, ids in enumerate(scoring_batches(loader, model, cfg)):
+            loss, n, hits = task.score_block(model, ids, i, **options)
             if hits is not None:
                 acc_m.update(hits.mean().cpu(), weight=n)
             loss_m.update(loss.cpu(), weight=n)

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from bigml.progress import track
 from bigml.tasks._report import Report
 
 
@@ -21,16 +20,10 @@ def resolve_split(cfg, raw) -> str:
     return "all" if raw is not None and raw.all is not None else "test"
 
 
-def _device(model) -> torch.device:
-    try:
-        return next(p.device for p in model.parameters())
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def evaluate(task, model, tokenizer, cfg, split: str = "test", keep_rows: bool = False, encoded=None,
              raw_rows=None, **_) -> Report:
     from bigml.data import labeled
+    from bigml.tasks._scoring import scoring_batches
 
     names = task.model_label_names(model.config)
     if encoded is None:
@@ -51,16 +44,11 @@ def evaluate(task, model, tokenizer, cfg, split: str = "test", keep_rows: bool =
     threshold = (cfg.get("task") or {}).get("threshold")
     threshold = 0.5 if threshold is None else float(threshold)  # 0.0 is a threshold too
     scorer = task.scorer(names, int(cfg.eval.get("ece_bins") or 15), threshold)
-    device = _device(model)
     rows: list[dict[str, Any]] | None = [] if keep_rows else None
-    max_batches = cfg.eval.get("max_batches")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i, batch in enumerate(track(loader, "scoring", unit="batches")):
-            if max_batches is not None and i >= int(max_batches):
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for batch in scoring_batches(loader, model, cfg):
             logits = task.forward_logits(model, batch)
             preds = scorer.update(logits, batch["labels"])
             if rows is not None:

@@ -27,6 +27,7 @@ from bigml.data import chat
 from bigml.errors import ConfigError, DataError, UsageError
 from bigml.progress import track
 from bigml.tasks._report import Report
+from bigml.tasks._scoring import scoring_batches
 from bigml.tasks.causal_lm import CausalLM
 
 log = logging.getLogger("bigml")
@@ -231,12 +232,8 @@ class DPO(CausalLM):
         scores = PreferenceScores()
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
         with torch.no_grad():
-            for i, batch in enumerate(track(make_loader(encoded, self.collate_fn(tokenizer), bs), "scoring", unit="batches")):
-                if cfg.eval.get("max_batches") is not None and i >= int(cfg.eval.max_batches):
-                    break
-                batch = {k: v.to(device) for k, v in batch.items()}
+            for batch in scoring_batches(make_loader(encoded, self.collate_fn(tokenizer), bs), model, cfg):
                 scores.update(*self._losses(opts, model, batch))
         if was_training:
             model.train()

@@ -20,14 +20,11 @@ import torch
 from bigml.data import chat
 from bigml.progress import track
 from bigml.tasks._report import Report
+from bigml.tasks._scoring import scoring_batches
 from bigml.tasks.causal_lm import CausalLM
 
 log = logging.getLogger("bigml")
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 class TokenLoss:
@@ -218,14 +215,10 @@ class SFT(CausalLM):
                                   train_on_prompt=self._train_on_prompt(cfg))
         loader = make_loader(encoded, self.collate_fn(tokenizer), int(cfg.eval.get("batch_size") or 32))
         scorer = TokenLoss()
-        max_batches = cfg.eval.get("max_batches")
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for i, batch in enumerate(track(loader, "scoring", unit="batches")):
-                if max_batches is not None and i >= int(max_batches):
-                    break
-                batch = {k: v.to(_device(model)) for k, v in batch.items()}
+            for batch in scoring_batches(loader, model, cfg):
                 out = model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}, use_cache=False)
                 scorer.update(out.loss, answer_tokens(batch["labels"]), int(batch["examples"]))
         metrics: dict[str, Any] = scorer.compute()
