@@ -9,4 +9,6 @@ COMMANDS: dict[str, str] = {
     "eval": "score a model: task metrics, perplexity, a JSON report, CI gates",
     "generate": "decode text with a causal LM, or fill [MASK] with a masked LM",
     "compress": "quantize, prune or distill a model, with a before/after report",
+    "serve": "answer HTTP requests with a model (OpenAI-compatible completions, predict, fill-mask)",
+    "export": "write a model as ONNX or GGUF, checked against PyTorch",
 }

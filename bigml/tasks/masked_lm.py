@@ -54,6 +54,7 @@ class MaskedLM(LanguageModelTask):
                       "mask_token": "[MASK]"}
     default_tokenizer = "wordpiece"
     infer_priority = 50
+    endpoints = ("fill_mask",)
 
     def claims(self, config) -> bool:
         archs = list(getattr(config, "architectures", None) or [])
