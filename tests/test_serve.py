@@ -275,10 +275,15 @@ def test_predict_for_a_classifier_matches_transformers(models, module_env):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     texts = ["good great day", "awful sad trip", "the movie was lovely"]
-    with serving(module_env, models["cls"]) as server:
+    with serving(module_env, models["cls"], "serve.workers=2", "serve.max_batch_size=4") as server:
         r = post(server, "/v1/predict", {"input": texts})
         assert r.status_code == 200, r.text
         data = r.json()["data"]
+        with ThreadPoolExecutor(12) as pool:  # two workers, batches of up to 4 texts: the same answers
+            again = list(pool.map(lambda t: post(server, "/v1/predict", {"input": t}).json()["data"][0], texts * 4))
+        for got, want in zip(again, data * 4, strict=True):  # padding differs with the batch: float noise only
+            assert got["label"] == want["label"]
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
         long = post(server, "/v1/predict", {"input": "good " * 100})
         assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
         assert post(server, "/v1/completions", {"prompt": "x"}).status_code == 404
@@ -292,6 +297,31 @@ def test_predict_for_a_classifier_matches_transformers(models, module_env):
             assert row["probabilities"] == pytest.approx(expected, abs=1e-5)
             assert row["label"] == max(expected, key=expected.get)
     assert {d["label"] for d in data} <= {"pos", "neg"}
+
+
+def test_regression_and_multilabel_answers_read_the_head(models):
+    """The task's answers for the heads not served above, against the head's own output."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from bigml.tasks import get_task
+
+    tok = AutoTokenizer.from_pretrained(models["cls"])
+    torch.manual_seed(0)
+    base = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    reg = BertForSequenceClassification(BertConfig(**base, num_labels=1, problem_type="regression")).eval()
+    texts = ["good day", "awful sad trip"]
+    with torch.no_grad():
+        values = reg(**tok(texts, padding=True, return_tensors="pt")).logits[:, 0].tolist()
+    assert [a["value"] for a in get_task("regression").predict(reg, tok, texts)] == pytest.approx(values, abs=1e-5)
+    labels = ["a", "b", "c"]
+    ml = BertForSequenceClassification(BertConfig(**base, num_labels=3, problem_type="multi_label_classification",
+                                                  id2label=dict(enumerate(labels)))).eval()
+    with torch.no_grad():
+        probs = ml(**tok(texts, padding=True, return_tensors="pt")).logits.sigmoid().tolist()
+    for row, p in zip(get_task("multilabel").predict(ml, tok, texts), probs, strict=True):
+        assert list(row["probabilities"].values()) == pytest.approx(p, abs=1e-5)
+        assert row["labels"] == [n for n, v in zip(labels, p, strict=True) if v >= 0.5]
 
 
 def test_predict_for_a_token_tagger_returns_entity_spans(models, module_env):
