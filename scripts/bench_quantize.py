@@ -114,7 +114,7 @@ def main() -> int:
             ft = tmp / f"ft-{ds}"
             cmd = ["finetune", f"model.path={minilm}", *data, "trainer.max_epochs=1", f"hydra.run.dir={ft}"]
             bigml_cmd(*cmd, env=env)
-            commands.append("bigml " + " ".join(cmd).replace(minilm, "$MINILM").replace(str(tmp), "<tmp>"))
+            commands.append("bigml " + " ".join(cmd).replace(str(minilm), "$MINILM").replace(str(tmp), "<tmp>"))
             dirs = {"fp32 (input)": ft / "model"}
             for name, extra in CANDIDATES.items():
                 if extra is None:
