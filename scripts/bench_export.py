@@ -45,7 +45,7 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = ["## Export: ONNX Runtime against PyTorch eager (CPU)", "",
-             table(["model", "batch x tokens", "PyTorch eager ms", "onnxruntime ms", "speed-up", "max |logit diff|",
+             table(["model", "batch x tokens", "PyTorch eager ms", "onnxruntime ms", "speed-up", "max abs logit diff",
                     "export s"], rows), "",
              f"Median of {repeats} interleaved forwards each, fp32, one thread, the graph exported by torch.onnx "
              "(dynamo) without a KV cache. Commands:", "", "```bash", *commands, "```", ""]
