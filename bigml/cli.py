@@ -152,8 +152,9 @@ def _siblings(exc: BaseException, parent: str) -> list[str]:
 
 # Keys whose values are free text (prompts, stop strings): passed to Hydra quoted, so that what the
 # shell delivered arrives unchanged, whatever characters it holds ([ ] , = : ' " $ { } \ ...).
-# Commands that write only where the user says (generate: output=), so they get no run directory.
-NO_RUN_DIR = ("generate",)
+# Commands that write only where the user says (generate, export: output=) or nothing at all (serve),
+# so they get no run directory.
+NO_RUN_DIR = ("generate", "serve", "export")
 FREE_TEXT_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt", "stop"), "finetune": ("sft.template",),
                                                "eval": ("sft.template",)}
 

@@ -135,6 +135,10 @@ class RunDir:
         payload = {**metrics, "status": status, "bigml_version": __version__}
         payload.setdefault("wall_time_s", round(time.time() - self.started, 2))
         atomic_write_json(self.metrics_path, payload)
+        if self.model_dir.is_dir():  # the model card shows the metrics
+            from bigml.model_card import write_card
+
+            write_card(self.model_dir, metrics=payload, run_dir=self.path)
 
     def export_model(self, model, tokenizer, metadata: dict[str, Any], state_dict: dict | None = None) -> Path:
         """save_pretrained (safetensors) + tokenizer + bigml.json, all in one atomic rename.
@@ -144,6 +148,9 @@ class RunDir:
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             (tmp / "bigml.json").write_text(json.dumps({**metadata, "bigml_version": __version__}, indent=2, default=str))
+            from bigml.model_card import write_card
+
+            write_card(tmp, run_dir=self.path, location=self.model_dir)
         return self.model_dir
 
     def discard_if_empty(self) -> None:

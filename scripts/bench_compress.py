@@ -217,9 +217,9 @@ def main() -> int:
                          round(row["size_mb"], 1), round(row["linear_mb"], 1), round(row["latency_ms"], 1),
                          round(row["throughput"], 1), f"{acc(row):.2f}", f"{row['f1_macro']:.3f}"])
     lines += [table(["run", "", "params", "size MB", "Linear MB", "latency ms (8x128)", "seq/s", "accuracy %", "F1 macro"], rows), ""]
-    if q and q["stages"][0].get("backend_timings_ms"):
-        lines += [f"`quantize.backend=auto` timed the int8 backends on the measurement batch: "
-                  f"{q['stages'][0]['backend_timings_ms']} ms; it kept **{q['stages'][0]['backend']}**.", ""]
+    if q and q["stages"][0].get("backend"):
+        lines += [f"`quantize.backend=auto` used **{q['stages'][0]['backend']}** "
+                  f"({q['stages'][0].get('format', 'bigml')} format).", ""]
 
     if side:
         lines += ["### CPU variants side by side (MiniLM classifier, 8 x 128, interleaved rounds)", "",

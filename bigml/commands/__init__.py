@@ -33,4 +33,6 @@ COMMANDS: dict[str, Command] = {
     "compress": Command("quantize, prune or distill a model, with a before/after report",
                         data_kinds=("labeled", "corpus", "chat", "preferences"),
                         presets={"method": ("quantize", "prune", "distill")}),
+    "serve": Command("answer HTTP requests with a model (OpenAI-compatible completions, predict, fill-mask)"),
+    "export": Command("write a model as ONNX or GGUF, checked against PyTorch"),
 }

@@ -68,7 +68,7 @@ def check_options(cfg: DictConfig, methods: list[str]) -> None:
     """Every bad value fails here, before a model is loaded."""
     q, p, d = cfg.quantize, cfg.prune, cfg.distill
     if "quantize" in methods:
-        quantize.check_options(str(q.dtype), str(q.backend), bool(q.weight_only))
+        quantize.check_options(str(q.dtype), str(q.backend), bool(q.weight_only), _exclude(cfg))
     if "prune" in methods:
         prune.check_options(float(p.sparsity), p.structured if p.structured not in ("null", "none", "") else None, str(p.scope))
         if int(p.recover_steps) < 0:
@@ -129,27 +129,32 @@ def train(cfg: DictConfig, run_dir: RunDir, name: str, student, task: Task, toke
 
 # -- stages ---------------------------------------------------------------------------------------
 
+def _exclude(cfg) -> list[str]:
+    value = cfg.quantize.get("exclude")
+    if value is None:
+        return []
+    return [str(v) for v in value] if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [str(value)]
+
+
 def stage_quantize(cfg, model, task, tokenizer) -> tuple[Any, dict | None, dict]:
     q = cfg.quantize
     dtype, weight_only, backend = str(q.dtype), bool(q.weight_only), str(q.backend)
     scheme = quantize.scheme_for(dtype, weight_only)
     info: dict[str, Any] = {"dtype": dtype, "scheme": scheme}
+    fmt = "bigml"
     if scheme in storage.INT_SCHEMES:
-        if backend == "auto":
-            candidates = ["torch.ao", "torchao"] if scheme == "int8-dynamic" else ["torchao"]
-            if len(candidates) > 1:
-                example, _ = measure.example_batch(model, int(cfg.measure.batch_size), int(cfg.measure.seq_len))
-                backend, timings = quantize.pick_backend(lambda: copy.deepcopy(model).float(), measure._forward_kwargs(model, example),
-                                                         candidates, scheme)
-                info["backend_timings_ms"] = {k: round(v, 2) for k, v in timings.items()}
-            else:
-                backend = candidates[0]
-        info["backend"] = backend
+        backend, fmt = quantize.resolve_backend(model, scheme, backend)
+        info["backend"], info["format"] = backend, fmt
+        if fmt == "bigml":
+            info["note"] = (f"saved in bigml's quantized format ({backend}): bigml eval / generate / serve load it, "
+                            f"plain transformers does not" + (" (GPT-2's Conv1D layers)" if quantize.has_conv1d(model) else ""))
     qmodel = copy.deepcopy(model).float() if scheme in storage.INT_SCHEMES else copy.deepcopy(model)
-    marker = quantize.plan(qmodel, dtype, weight_only, backend)
+    marker = quantize.plan(qmodel, dtype, weight_only, backend, fmt, _exclude(cfg))
     qmodel, state_dict = quantize.quantize_for_save(qmodel, marker)
     if "modules" in marker:
         info["quantized_modules"] = len(marker["modules"])
+        if marker.get("exclude"):
+            info["exclude"] = marker["exclude"]
     setattr(qmodel.config, storage.QUANT_KEY, marker)
     return qmodel, state_dict, info
 
@@ -376,6 +381,7 @@ def print_report(metrics: dict) -> None:
     for s in metrics["stages"]:
         if s.get("note"):
             console.print(f"note ({s['method']}): {s['note']}")
-        if s.get("backend_timings_ms"):
-            console.print(f"note (quantize): backend {s['backend']} chosen; forward times {s['backend_timings_ms']} ms")
+        if s.get("format") == "transformers":
+            console.print(f"note (quantize): torchao {s['scheme']} saved through transformers' TorchAoConfig: "
+                          f"AutoModelFor*.from_pretrained loads it (with torchao installed); torch.compile it for speed")
     console.print(f"model: {metrics['model_dir']}")

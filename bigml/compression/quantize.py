@@ -1,26 +1,33 @@
-"""Quantization: which library does what, and how the result is stored (see storage.py).
+"""Quantization: which library does what, and how the result is stored.
 
+    quantize.dtype=int8, backend torchao    torchao Int8DynamicActivationInt8WeightConfig (or
+                                            Int8WeightOnlyConfig with quantize.weight_only=true),
+                                            saved through transformers' TorchAoConfig integration:
+                                            plain `AutoModelFor*.from_pretrained(dir)` loads it
+                                            (with torchao installed). Fast once torch.compile'd.
     quantize.dtype=int8, backend torch.ao   torch.ao dynamic quantization of every Linear (int8
                                             weights per output channel, activations quantized per
-                                            batch at run time). Deprecated upstream, but on CPUs
-                                            without torch.compile it is the fastest int8 path
-                                            (DESIGN.md: ~2x fp32 for a 6-layer BERT at 8 x 128).
-    quantize.dtype=int8, backend torchao    torchao Int8DynamicActivationInt8WeightConfig (or
-                                            Int8WeightOnlyConfig with quantize.weight_only=true)
+                                            batch at run time). Deprecated upstream, the fastest
+                                            int8 path in eager mode on CPUs without AMX, saved in
+                                            bigml's format (storage.py): loads with bigml only.
     quantize.dtype=int4                     torchao IntxWeightOnlyConfig(int4, groups of 32)
     quantize.dtype=bf16 | fp16              a cast of every floating-point tensor
 
-backend=auto times the int8 candidates on the measurement shape and keeps the fastest.
+backend=auto is torchao, saved through transformers, except for models whose layers are
+transformers' Conv1D (GPT-2): torchao quantizes nn.Linear only, and a Conv1D model rebuilt by
+transformers would not match, so those keep bigml's format (torch.ao for int8).
 
-The integers are computed once (torch.ao's own observers, or a symmetric absmax rule for torchao
-schemes), saved, and every quantized model, also the one compress measures, is rebuilt from them
-by `materialize`: the reloaded model is bit-for-bit the one reported.
+quantize.exclude names modules kept in floating point (transformers' pattern rules: a module name,
+a suffix such as `classifier`, or a regular expression), e.g. the task head.
+
+bigml's format: the integers are computed once (torch.ao's own observers, or a symmetric absmax
+rule for torchao schemes), saved, and every quantized model, also the one compress measures, is
+rebuilt from them by `materialize`. Both formats reload bit-for-bit the model compress reported.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 
 import torch
@@ -46,7 +53,7 @@ def scheme_for(dtype: str, weight_only: bool) -> str:
     return dtype
 
 
-def check_options(dtype: str, backend: str, weight_only: bool) -> None:
+def check_options(dtype: str, backend: str, weight_only: bool, exclude: list[str] | None = None) -> None:
     if dtype not in DTYPES:
         raise ConfigError("quantize.dtype", f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
     if backend not in BACKENDS:
@@ -54,6 +61,13 @@ def check_options(dtype: str, backend: str, weight_only: bool) -> None:
     if backend == "torch.ao" and (dtype == "int4" or weight_only):
         raise ConfigError("quantize.backend", "torch.ao has only dynamic int8 for Linear layers",
                           "use quantize.backend=torchao for int4 or weight-only int8")
+    import re
+
+    for pattern in exclude or []:
+        try:
+            re.compile(str(pattern))
+        except re.error as e:
+            raise ConfigError("quantize.exclude", f"{pattern!r} is not a valid pattern ({e})") from None
 
 
 # -- which modules ---------------------------------------------------------------------------------
@@ -74,16 +88,23 @@ def conv1d_to_linear(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, leaf, lin)
 
 
-def target_linears(model: nn.Module, group: int | None = None) -> list[str]:
+def target_linears(model: nn.Module, group: int | None = None, exclude: list[str] | None = None,
+                   keep_output: bool = False) -> list[str]:
     """Every nn.Linear except an output projection tied to the input embeddings (quantizing it would
-    untie and duplicate the vocabulary matrix). With `group`, only those whose input width it divides."""
+    untie and duplicate the vocabulary matrix; with `keep_output`, any output projection) and those
+    `exclude` names (transformers' should_convert_module rules). With `group`, only those whose
+    input width it divides."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     names = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not (tied and mod is out_emb):
+        if isinstance(mod, nn.Linear) and not ((tied or keep_output) and mod is out_emb):
             if group and mod.in_features % group:
+                continue
+            if exclude and not should_convert_module(name, [str(p) for p in exclude]):
                 continue
             names.append(name)
     return names
@@ -202,19 +223,68 @@ def materialize(model: nn.Module, tensors: dict[str, torch.Tensor], quant: dict)
 
 # -- the stage -------------------------------------------------------------------------------------
 
-def plan(model: nn.Module, dtype: str, weight_only: bool, backend: str) -> dict:
-    """The marker that goes into config.json (`bigml_quantization`), before any tensor is computed."""
+def has_conv1d(model: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
+    return any(isinstance(m, Conv1D) for m in model.modules())
+
+
+def resolve_backend(model: nn.Module, scheme: str, backend: str) -> tuple[str, str]:
+    """(backend, format): format "transformers" (portable, TorchAoConfig) or "bigml" (storage.py)."""
+    conv1d = has_conv1d(model)
+    if backend == "auto":
+        if conv1d:
+            return ("torch.ao" if scheme == "int8-dynamic" else "torchao"), "bigml"
+        return "torchao", "transformers"
+    if backend == "torchao" and conv1d:
+        raise ConfigError("quantize.backend", "torchao quantizes nn.Linear layers, and this model's are transformers' "
+                          "Conv1D (GPT-2), which plain transformers could not reload quantized",
+                          "use quantize.backend=auto (bigml's format, loads with bigml) or quantize.dtype=bf16")
+    return backend, ("transformers" if backend == "torchao" else "bigml")
+
+
+def plan(model: nn.Module, dtype: str, weight_only: bool, backend: str, fmt: str = "bigml",
+         exclude: list[str] | None = None) -> dict:
+    """The marker that goes into config.json (`bigml_quantization`), before any tensor is computed."""
     from bigml.models.architectures import count_params
 
     scheme = scheme_for(dtype, weight_only)
     marker = {"scheme": scheme, "params": count_params(model)}
     if scheme in ("bf16", "fp16"):
         return marker
-    marker["conv1d"] = any(isinstance(m, Conv1D) for m in model.modules())
+    marker["conv1d"] = has_conv1d(model)
     marker["backend"] = backend
+    marker["format"] = fmt
+    marker["exclude"] = [str(p) for p in exclude or []]
     return marker
+
+
+def _quantize_for_transformers(model: nn.Module, marker: dict) -> nn.Module:
+    """torchao's quantize_ in place, with the quantizer transformers would have attached had it
+    quantized the model while loading it (TorchAoConfig): save_pretrained then writes torchao's
+    tensors and config.json's quantization_config, and `from_pretrained(dir)` rebuilds the same
+    model. Output projections stay in floating point, as transformers' loader expects."""
+    from transformers import TorchAoConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    scheme = marker["scheme"]
+    names = target_linears(model, INT4_GROUP if scheme == "int4-weight-only" else None, marker.get("exclude"),
+                           keep_output=True)
+    if not names:
+        raise ConfigError("quantize.dtype", f"{scheme}: the model has no Linear layer this scheme applies to")
+    marker["modules"] = names
+    wanted = set(names)
+    skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wanted]
+    config = _torchao_config(scheme)
+    from torchao.quantization import quantize_
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, config, filter_fn=lambda m, fqn: fqn in wanted)
+    qc = TorchAoConfig(config, modules_to_not_convert=skipped or None)
+    model.config.quantization_config = qc
+    model.hf_quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+    return model
 
 
 def quantize_for_save(model: nn.Module, marker: dict) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
@@ -222,9 +292,11 @@ def quantize_for_save(model: nn.Module, marker: dict) -> tuple[nn.Module, dict[s
     scheme = marker["scheme"]
     if scheme in ("bf16", "fp16"):
         return model.to(torch.bfloat16 if scheme == "bf16" else torch.float16), None
+    if marker.get("format") == "transformers":
+        return _quantize_for_transformers(model, marker), None
     if marker.get("conv1d"):
         conv1d_to_linear(model)
-    names = target_linears(model, INT4_GROUP if scheme == "int4-weight-only" else None)
+    names = target_linears(model, INT4_GROUP if scheme == "int4-weight-only" else None, marker.get("exclude"))
     if not names:
         raise ConfigError("quantize.dtype", f"{scheme}: the model has no Linear layer this scheme applies to")
     marker["modules"] = names
@@ -232,31 +304,6 @@ def quantize_for_save(model: nn.Module, marker: dict) -> tuple[nn.Module, dict[s
     sd = {k: v for k, v in model.state_dict().items() if k not in {f"{n}.weight" for n in names}}
     sd.update(qt)
     return model, sd
-
-
-def pick_backend(model_factory, example: dict, candidates: list[str], scheme: str, repeats: int = 3) -> tuple[str, dict]:
-    """backend=auto: time each candidate's forward on the measurement batch; the fastest wins."""
-    import copy
-
-    timings = {}
-    base = model_factory()
-    for backend in candidates:
-        m = copy.deepcopy(base)
-        marker = {"scheme": scheme, "backend": backend, "conv1d": any(type(x).__name__ == "Conv1D" for x in m.modules())}
-        _, sd = quantize_for_save(m, marker)
-        fresh = copy.deepcopy(base)
-        materialize(fresh, sd, marker)
-        fresh.eval()
-        with torch.inference_mode():
-            fresh(**example)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fresh(**example)
-                times.append(time.perf_counter() - t0)
-        timings[backend] = sorted(times)[len(times) // 2] * 1000
-        log.info("quantize: backend %s runs the measurement batch in %.1f ms", backend, timings[backend])
-    return min(timings, key=timings.get), timings
 
 
 def read_tensors(path: str, key: str = "model.path") -> dict[str, torch.Tensor]:

@@ -65,6 +65,9 @@ def save_model(model: torch.nn.Module, tokenizer, out: Path, metadata: dict[str,
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     (out / "bigml.json").write_text(json.dumps({**metadata, "bigml_version": __version__}, indent=2, default=str))
+    from bigml.model_card import write_card
+
+    write_card(out)
     return out
 
 

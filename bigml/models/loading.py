@@ -5,8 +5,9 @@
     metadata(path)                  bigml.json: what bigml recorded (command, task, labels, ...)
     model_task(config, path, name)  the task named (task=...), else the one the directory describes
     load_model(path, task, ...)     -> (model in eval mode, task): plain Hugging Face weights (LoRA
-                                    adapters are merged before bigml saves), or bigml-quantized
-                                    int8/int4 weights rebuilt from their integers
+                                    adapters are merged before bigml saves; torchao-quantized ones
+                                    through transformers' TorchAoConfig), or weights in bigml's
+                                    quantized format rebuilt from their integers
     build_model(config, task)       a randomly initialized model (transformers' own initialization)
 
 A `path` is a local directory or, where the network allows, a hub id.
@@ -77,7 +78,7 @@ def load_model(path: str, task: Task | str | None = None, *, key: str = "model.p
     where = str(Path(str(path)).expanduser()) if Path(str(path)).expanduser().exists() else str(path)
     quant = quantization_of(config)
     try:
-        if quant and quant.get("scheme") in _int_schemes():
+        if quant and quant.get("scheme") in _int_schemes() and quant.get("format", "bigml") == "bigml":
             from bigml.compression.quantize import materialize, read_tensors
 
             model = task.auto_class.from_config(config, dtype=torch.float32)

@@ -39,6 +39,9 @@ class Task:
     finetunable: ClassVar[bool] = False     # bigml finetune trains it
     language_model: ClassVar[bool] = False  # scored on a text corpus, trained on packed blocks
     needs_base_model: ClassVar[bool] = False  # finetune: only from model.path (no from-scratch preset)
+    # what `bigml serve` answers for its models: "predict" (/v1/predict), "completions" and
+    # "chat_completions" (OpenAI's /v1/completions, /v1/chat/completions), "fill_mask" (/v1/fill-mask)
+    endpoints: ClassVar[tuple[str, ...]] = ()
 
     # -- models --------------------------------------------------------------------------------
     @property
@@ -241,6 +244,7 @@ class LabeledTask(Task):
 
     auto_class_name = "AutoModelForSequenceClassification"
     finetunable = True
+    endpoints = ("predict",)
     problem_type: ClassVar[str | None] = None
     peft_task_type: ClassVar[str] = "SEQ_CLS"
     stratify: ClassVar[bool] = False        # carved splits keep the label shares
@@ -434,6 +438,19 @@ class LabeledTask(Task):
         from bigml.tasks._labeled_eval import evaluate
 
         return evaluate(self, model, tokenizer, cfg, split, keep_rows, **kw)
+
+    # -- serving (bigml serve's /v1/predict) ----------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, model, tokenizer, texts: list[str], pairs: list[str] | None = None) -> list[dict[str, Any]]:
+        """One answer per text (a JSON object: label and probabilities, a value, entities...)."""
+        args = (texts, pairs) if pairs is not None else (texts,)
+        enc = tokenizer(*args, padding=True, truncation=True, return_tensors="pt").to(model.device)
+        logits = self.logits(model(**enc)).float().cpu()
+        return self.answers(logits, self.model_label_names(model.config))
+
+    def answers(self, logits: torch.Tensor, names: list[str]) -> list[dict[str, Any]]:
+        """The head's output for a batch of texts, as the JSON objects /v1/predict returns."""
+        raise NotImplementedError
 
 
 def _finish_encoding(ds, fn, truncated: list[int], max_length: int, where: str):

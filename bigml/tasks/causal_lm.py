@@ -20,6 +20,7 @@ class CausalLM(LanguageModelTask):
                       "unk_token": "<|unk|>"}
     default_tokenizer = "bpe"
     infer_priority = 60
+    endpoints = ("completions", "chat_completions")
 
     def claims(self, config) -> bool:
         archs = list(getattr(config, "architectures", None) or [])

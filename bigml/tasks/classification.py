@@ -84,5 +84,10 @@ class Classification(LabeledTask):
         return [{"label": names[y], "predicted": names[p], "probabilities": {names[i]: round(v, 6) for i, v in enumerate(pr)}}
                 for p, y, pr in zip(preds.tolist(), labels.tolist(), probs.tolist(), strict=False)]
 
+    def answers(self, logits, names):
+        probs = logits.softmax(-1).tolist()
+        return [{"label": names[max(range(len(row)), key=row.__getitem__)], "score": round(max(row), 6),
+                 "probabilities": {names[i]: round(v, 6) for i, v in enumerate(row)}} for row in probs]
+
 
 TASK = Classification()

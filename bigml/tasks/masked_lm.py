@@ -55,6 +55,7 @@ class MaskedLM(LanguageModelTask):
     default_tokenizer = "wordpiece"
     model_input_names = ("input_ids", "token_type_ids", "attention_mask")  # sentence pairs: segment ids
     infer_priority = 50
+    endpoints = ("fill_mask",)
 
     def claims(self, config) -> bool:
         archs = list(getattr(config, "architectures", None) or [])

@@ -90,5 +90,10 @@ class Multilabel(LabeledTask):
         return torch.nn.functional.binary_cross_entropy_with_logits(
             student_logits / T, torch.sigmoid(teacher_logits / T)) * T * T
 
+    def answers(self, logits, names, threshold: float = 0.5):
+        probs = logits.sigmoid().tolist()
+        return [{"labels": [names[i] for i, v in enumerate(row) if v >= threshold],
+                 "probabilities": {names[i]: round(v, 6) for i, v in enumerate(row)}} for row in probs]
+
 
 TASK = Multilabel()

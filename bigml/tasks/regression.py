@@ -94,5 +94,8 @@ class Regression(LabeledTask):
     def kd_loss(self, student_logits, teacher_logits, labels, temperature):
         return torch.nn.functional.mse_loss(student_logits, teacher_logits)  # no distribution to soften
 
+    def answers(self, logits, names):
+        return [{"value": round(float(v), 6)} for v in logits.reshape(-1).tolist()]
+
 
 TASK = Regression()

@@ -139,5 +139,33 @@ class Token(LabeledTask):
         keep = labels != -100
         return super().kd_loss(student_logits[keep], teacher_logits[keep], labels, temperature)
 
+    @torch.inference_mode()
+    def predict(self, model, tokenizer, texts, pairs=None):
+        """Entities of each text: its words (split on whitespace, as in training) tagged by the
+        first subword of each, grouped into BIO spans with character offsets."""
+        import re
+
+        words = [[(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", t)] for t in texts]
+        enc = tokenizer([[w for w, _, _ in ws] for ws in words], is_split_into_words=True, padding=True,
+                        truncation=True, return_tensors="pt")
+        probs = self.logits(model(**enc.to(model.device))).float().softmax(-1).cpu()
+        names = self.model_label_names(model.config)
+        out = []
+        for i, (text, ws) in enumerate(zip(texts, words, strict=True)):
+            first: dict[int, int] = {}
+            for pos, w in enumerate(enc.word_ids(i)):
+                if w is not None and w not in first:
+                    first[w] = pos
+            tagged = [(w, first[w]) for w in range(len(ws)) if w in first]  # words cut by truncation are left out
+            tags = [names[int(probs[i, pos].argmax())] for _, pos in tagged]
+            scores = [float(probs[i, pos].max()) for _, pos in tagged]
+            entities = []
+            for start, end, kind in sorted(EntitySpans.spans(tags)):
+                a, b = ws[tagged[start][0]][1], ws[tagged[end - 1][0]][2]
+                entities.append({"type": kind, "text": text[a:b], "start": a, "end": b,
+                                 "score": round(min(scores[start:end]), 6)})
+            out.append({"entities": entities, "tags": [[ws[w][0], t] for (w, _), t in zip(tagged, tags, strict=True)]})
+        return out
+
 
 TASK = Token()
