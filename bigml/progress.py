@@ -32,7 +32,7 @@ def interactive() -> bool:
 
 
 def _rank_zero() -> bool:
-    from bigml.run_dir import is_global_zero_process
+    from bigml.ranks import is_global_zero_process
 
     return is_global_zero_process()
 

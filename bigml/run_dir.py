@@ -28,19 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from bigml import __version__
 from bigml.atomic import atomic_directory, atomic_write_json
 from bigml.errors import UsageError
+from bigml.ranks import is_global_zero_process  # noqa: F401 - part of this module's API
 
 log = logging.getLogger("bigml")
 JOB_STARTED: float | None = None  # set by the runner for sweep jobs (many runs in one process)
 _LOG_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
-
-
-def is_global_zero_process() -> bool:
-    """True in the process that owns the run directory (rank 0, before or without any launcher)."""
-    if "RANK" in os.environ:  # torchrun
-        return os.environ["RANK"] == "0"
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:  # srun, one task per device
-        return os.environ["SLURM_PROCID"] == "0"
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 class _StderrHandler(logging.StreamHandler):

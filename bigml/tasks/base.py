@@ -110,10 +110,10 @@ class Task:
     def train_loader(self, encoded, tokenizer, cfg):
         """Training batches: grouped by length (less padding), seeded, padded per batch."""
         from bigml.data.labeled import make_loader
-        from bigml.training.trainer import overfit_batches
 
-        if overfit_batches(cfg):  # debug=overfit: the same first batches every epoch
-            encoded = encoded.select(range(min(len(encoded), overfit_batches(cfg) * int(cfg.data.batch_size))))
+        overfit = int(cfg.trainer.get("overfit_batches") or 0)
+        if overfit:  # debug=overfit: the same first batches every epoch
+            encoded = encoded.select(range(min(len(encoded), overfit * int(cfg.data.batch_size))))
         return make_loader(encoded, self.collate_fn(tokenizer), int(cfg.data.batch_size), shuffle=True,
                            group_by_length=bool(cfg.data.get("group_by_length", True)), seed=int(cfg.seed),
                            num_workers=int(cfg.data.get("num_workers") or 0))
