@@ -23,6 +23,7 @@ from bigml.errors import ConfigError, DataError
 from bigml.models import architectures
 from bigml.models.language_model import LanguageModel
 from bigml.models.loading import read_config
+from bigml.models.presets import apply_training_defaults
 from bigml.run_dir import RunDir
 from bigml.tasks import get_task, language_model_task
 from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
@@ -47,7 +48,8 @@ def prepare(cfg: DictConfig):
     init_path = cfg.model.get("path")
     base_config = read_config(str(init_path)) if init_path else None
     task = language_model_task(base_config) if base_config else get_task(architectures.pretraining_task_name(cfg.model))
-    max_pos = _max_positions(base_config) if base_config else int(cfg.model.max_position_embeddings)
+    # recurrent models (model=lstm) have no position limit: no max_position_embeddings
+    max_pos = _max_positions(base_config) if base_config else int(cfg.model.get("max_position_embeddings") or 0) or None
     if max_pos and block > max_pos:
         raise ConfigError("data.block_size", f"{block} exceeds the model's {max_pos} positions",
                           "lower data.block_size or raise model.max_position_embeddings")
@@ -94,6 +96,11 @@ def _iter_docs(ds):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    apply_training_defaults(cfg)
+    if not cfg.model.get("path"):
+        task = get_task(architectures.pretraining_task_name(cfg.model))
+        if not task.language_model:  # model=dcgan: the task brings its own recipe (bigml.adversarial)
+            return task.pretrain(cfg)
     resuming = bool(cfg.get("resume"))
     _, extra = trainer_kwargs(cfg)  # validate the trainer settings before any slow work
     run_dir = RunDir.open(cfg, resuming=resuming)

@@ -517,7 +517,10 @@ class LanguageModelTask(Task):
         """Whether this is the objective a model family (any head) pretrains with."""
         from transformers.models.auto import modeling_auto
 
-        return config.model_type in getattr(modeling_auto, self.mapping_names)
+        if config.model_type in getattr(modeling_auto, self.mapping_names):
+            return True
+        # architectures registered with the auto class at run time (bigml.models.classic: model=lstm)
+        return type(config) in getattr(self.auto_class._model_mapping, "_extra_content", {})
 
     def post_processor(self, tok):
         """A `tokenizers` post-processor wrapping each document (None: documents as they are)."""
