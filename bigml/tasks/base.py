@@ -40,6 +40,7 @@ class Task:
     language_model: ClassVar[bool] = False  # scored on a text corpus, trained on packed blocks
     needs_base_model: ClassVar[bool] = False  # finetune: only from model.path (no from-scratch preset)
     ensembles: ClassVar[bool] = False       # bigml eval model.path=[a,b,c] averages its members' outputs
+    draws_images: ClassVar[bool] = False    # bigml generate draws images (`draw`), no prompts
 
     # -- models --------------------------------------------------------------------------------
     @property
