@@ -48,6 +48,7 @@ def prepare(cfg: DictConfig):
     init_path = cfg.model.get("path")
     base_config = read_config(str(init_path)) if init_path else None
     task = language_model_task(base_config) if base_config else get_task(architectures.pretraining_task_name(cfg.model))
+    task = task.for_objective(cfg.get("objective"))  # objective=mlm+nsp: masked LM + next-sentence prediction
     # recurrent models (model=lstm) have no position limit: no max_position_embeddings
     max_pos = _max_positions(base_config) if base_config else int(cfg.model.get("max_position_embeddings") or 0) or None
     if max_pos and block > max_pos:
@@ -119,6 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         init_path=str(init_path) if init_path else None, mlm_probability=float(cfg.mlm_probability),
         special_ids=special_ids, mask_token_id=tokenizer.mask_token_id, seed=int(cfg.seed),
         compile=bool(extra.get("compile", False)),
+        token_ids={"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id},
     )
     n_params = architectures.count_params(module.model)
     block = int(cfg.data.block_size)
@@ -178,6 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if task.accuracy_reported():
         metrics["val_accuracy"] = final.get("val_accuracy")
+    metrics.update({f"val_{k}": final.get(f"val_{k}") for k in task.extra_validation_metrics})
     if identical is not None:
         metrics["replicas_identical"] = identical
     metrics.update({k: v for k, v in meter.summary().items()})

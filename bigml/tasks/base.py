@@ -527,6 +527,19 @@ class LanguageModelTask(Task):
         """A `tokenizers` post-processor wrapping each document (None: documents as they are)."""
         return None
 
+    extra_validation_metrics: ClassVar[tuple[str, ...]] = ()  # more val_<name> keys of pretraining (nsp_accuracy)
+
+    def for_objective(self, objective) -> LanguageModelTask:
+        """The task that pretrains with `objective` (pretrain's objective=): this one by default."""
+        if objective in (None, "auto", self.objective):
+            return self
+        raise ConfigError("objective", f"{objective!r} is not an objective of {self.name.replace('_', ' ')} models",
+                          "use objective=auto" + (" or mlm+nsp (BERT-style encoders)" if self.objective != "causal" else ""))
+
+    def validation_extras(self, model, inputs, labels) -> dict[str, tuple[torch.Tensor, int]]:
+        """Values (mean, weight) of extra_validation_metrics for one validation batch."""
+        return {}
+
     def check_tokenizer(self, tokenizer, where: str) -> None:
         """Raise DataError when the tokenizer lacks a token the objective needs."""
 
