@@ -193,7 +193,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir.write_metrics(metrics)
         print_summary("bigml pretrain", {**{k: metrics[k] for k in (
             "model", "params", "step", "tokens_seen", "train_loss", "val_loss_initial", "val_loss", "val_perplexity",
-            "tokens_per_sec", "mfu", "precision")}, "model_dir": str(run_dir.model_dir)})
+            "tokens_per_sec", "mfu", "precision")}, **{k: v for k, v in metrics.items() if k.startswith("val_nsp")},
+            "model_dir": str(run_dir.model_dir)})
     return metrics
 
 

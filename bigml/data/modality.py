@@ -32,6 +32,8 @@ def _directory_kind(path: str) -> str:
         return "text"
     if config.model_type == classic.BigmlTabularConfig.model_type:
         return "tabular"
+    if config.model_type == classic.BigmlDCGANConfig.model_type:
+        return "generator"
     archs = list(getattr(config, "architectures", None) or [])
     if (archs and archs[0].endswith("ForImageClassification")) or config.model_type in (
             classic.BigmlImageMLPConfig.model_type, classic.BigmlCNNConfig.model_type):
@@ -59,6 +61,9 @@ def input_kind(cfg) -> str:
     images = data_holds_images(cfg.data)
     name = cfg.model.get("path") or f"model={cfg.model.get('name')}"
     data = f"data.path={cfg.data.path}" if cfg.data.get("path") else f"data={cfg.data.get('name')}"
+    if model == "generator":
+        raise ConfigError("model.path", f"{name} is a GAN generator: it draws images and has no head to finetune",
+                          "bigml generate model.path=... num_images=64 output=grid.png, or bigml eval for its FID")
     if model == "auto":
         return "image" if images else "tabular"
     if model == "image" and not images:
