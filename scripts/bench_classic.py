@@ -28,7 +28,8 @@ GRID = REPO / "docs" / "bench" / "classic-dcgan-fashion-mnist.png"
 
 
 def run(tmp: str, name: str, *args: str) -> tuple[dict, float, str]:
-    wall, _, err = bigml_cmd(*args, f"hydra.run.dir={tmp}/{name}", "logger=none",
+    quiet = ["logger=none"] if args[0] in ("finetune", "pretrain") else []  # eval has no logger
+    wall, _, err = bigml_cmd(*args, f"hydra.run.dir={tmp}/{name}", *quiet,
                              env={"BIGML_CACHE_DIR": f"{tmp}/cache", "CI": "1", "HF_HUB_OFFLINE": "1"})
     return json.loads(Path(tmp, name, "metrics.json").read_text()), wall, err
 
@@ -96,7 +97,7 @@ def lstm(tmp: str, quick: bool) -> str:
         _, out, _ = bigml_cmd("generate", f"model.path={model}", "prompt=ROMEO:", "max_new_tokens=160", *args,
                               env={"CI": "1", "HF_HUB_OFFLINE": "1"})
         samples.append((" ".join(args), out.rstrip("\n")))
-    rows = [["lstm 2 x 512 (char)", f"{m['params']:,}", m["step"], f"{m['tokens_seen']:,}",
+    rows = [["lstm 2 x 256 (char)", f"{m['params']:,}", m["step"], f"{m['tokens_seen']:,}",
              f"{m['val_loss_initial']:.3f}", f"{m['val_loss']:.3f}", f"{m['val_perplexity']:.2f}",
              f"{m['tokens_per_sec']:,.0f}", f"{wall:.0f}"]]
     text = table(["model", "parameters", "steps", "tokens seen", "val loss at start", "val loss", "val perplexity",

@@ -150,6 +150,15 @@ def test_image_model_loads_without_bigml(image_model, images_test, tmp_path):
     assert torch.allclose(torch.tensor(json.loads(p.stdout.splitlines()[-1])), expected, atol=1e-5)
 
 
+def test_image_models_are_refused_where_they_do_not_fit(cli, image_model, images, tmp_path):
+    model_dir = image_model / "model"
+    r = cli("compress", "method=quantize", f"model.path={model_dir}", f"data.path={images}",
+            f"hydra.run.dir={tmp_path / 'c'}")
+    assert r.code == 2 and "image-classification model" in r.err and not (tmp_path / "c").exists()
+    r = cli("generate", f"model.path={model_dir}", "prompt=hello")
+    assert r.code == 2 and "does not generate text" in r.err
+
+
 def test_cnn_with_augmentation_and_vit_train_from_image_folders(cli, images, tmp_path):
     r = cli("finetune", "model=cnn", f"data.path={images}", "data.augment=[crop,flip,rotate,erase]",
             "trainer.max_epochs=2", *QUIET, f"hydra.run.dir={tmp_path / 'cnn'}")

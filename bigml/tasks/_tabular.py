@@ -19,6 +19,7 @@ class TabularInputs:
     """Mixin, before Classification / Regression in the bases: the inputs side of a tabular task."""
 
     auto_class_name = "AutoModel"
+    compressible = False
 
     def claims(self, config) -> bool:
         return getattr(config, "model_type", None) == "bigml_tabular" and self._claims_head(config)

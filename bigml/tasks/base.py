@@ -41,6 +41,7 @@ class Task:
     needs_base_model: ClassVar[bool] = False  # finetune: only from model.path (no from-scratch preset)
     ensembles: ClassVar[bool] = False       # bigml eval model.path=[a,b,c] averages its members' outputs
     draws_images: ClassVar[bool] = False    # bigml generate draws images (`draw`), no prompts
+    compressible: ClassVar[bool] = True     # bigml compress measures it (token batches of measure.seq_len)
 
     # -- models --------------------------------------------------------------------------------
     @property

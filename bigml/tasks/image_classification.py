@@ -47,6 +47,7 @@ class ImageClassification(Classification):
     summary = "one label per image (AutoModelForImageClassification: mlp, cnn, vit-tiny)"
     auto_class_name = "AutoModelForImageClassification"
     infer_priority = 25
+    compressible = False
 
     def claims(self, config) -> bool:
         archs = list(getattr(config, "architectures", None) or [])

@@ -26,6 +26,7 @@ class ImageGeneration(Task):
     lower_is_better = LOWER_IS_BETTER | {"fid"}
     infer_priority = 5
     draws_images = True
+    compressible = False
 
     def claims(self, config) -> bool:
         return getattr(config, "model_type", None) == "bigml_dcgan"
