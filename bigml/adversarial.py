@@ -185,6 +185,10 @@ class GAN(pl.LightningModule):
         self.log("train_loss_d", loss_d, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train_loss_g", loss_g, prog_bar=True, on_step=True, on_epoch=False)
 
+    def steps(self) -> int:
+        """Training batches seen: Lightning's global_step counts both optimizers' steps."""
+        return self.global_step // 2
+
     def recent_losses(self) -> tuple[float | None, float | None]:
         if not self._recent:
             return None, None
@@ -221,7 +225,7 @@ class GAN(pl.LightningModule):
         self.generator.train(was)
         path = Path(self.hparams.samples_dir) / f"epoch-{self.current_epoch:03d}.png"
         save_grid(grid, path)
-        entry: dict[str, Any] = {"epoch": self.current_epoch, "step": self.global_step, "grid": str(path)}
+        entry: dict[str, Any] = {"epoch": self.current_epoch, "step": self.steps(), "grid": str(path)}
         if self.fid is not None:
             self.fid.reset()  # keeps the real statistics (reset_real_features=False)
             fake = self.draw(int(self.hparams.fid_samples), int(self.hparams.seed) + 2)
@@ -352,7 +356,7 @@ def pretrain(cfg: DictConfig, task) -> dict[str, Any]:
         "fid_features": "penultimate layer of a bigml image classifier trained on the same data "
                         "(not Inception-v3): compare only runs scored with the same classifier" if classifier else None,
         **extra, "fid_samples": int(gan.fid_samples) if classifier else None, "fid_real_images": len(val),
-        "fid_history": history, "train_loss_d": loss_d, "train_loss_g": loss_g, "step": trainer.global_step,
+        "fid_history": history, "train_loss_d": loss_d, "train_loss_g": loss_g, "step": module.steps(),
         "epochs": trainer.current_epoch, "train_time_s": round(train_time, 2),
         "samples_per_sec": round(meter.summary().get("samples_per_sec") or 0.0, 2),
         "samples_dir": str(samples), "grid": str(final_grid), "precision": str(trainer.precision)}

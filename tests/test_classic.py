@@ -201,6 +201,7 @@ def test_image_augmentation_is_seeded_and_for_training_only():
     assert task.eval_loader(enc, inputs, 2).collate_fn.augment is None
 
 
+@pytest.mark.slow
 def test_digits_real_data(cli, tmp_path):
     r = cli("finetune", "model=mlp", "data=digits", *QUIET, f"hydra.run.dir={tmp_path / 'd'}")
     assert r.code == 0, r.err
@@ -236,6 +237,7 @@ def test_idx_files_read_as_mnist_format(cli, tmp_path):
     assert m["test_examples"] == 30 and m["labels"] == ["Pullover", "T-shirt/top", "Trouser"], m
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed (apt-get install "
                     "dataset-fashion-mnist; .ci/run installs it)")
 def test_fashion_mnist_real_data(cli, tmp_path):
@@ -332,6 +334,7 @@ def test_tabular_bad_input_exits_2(cli, tmp_path):
         assert not (tmp_path / name).exists()
 
 
+@pytest.mark.slow
 def test_sklearn_tables_real_data(cli, tmp_path):
     r = cli("finetune", "model=linear", "task=regression", "data=diabetes", *QUIET, f"hydra.run.dir={tmp_path / 'd'}")
     assert r.code == 0, r.err
@@ -523,6 +526,7 @@ def test_lstm_pretrain_generate_greedy_matches_a_manual_loop(cli, run_script, co
     assert r.code == 0 and "perplexity" in metrics(tmp_path / "e")
 
 
+@pytest.mark.slow
 def test_gru_on_shakespeare_real_data(cli, tmp_path):
     r = cli("pretrain", *TINY_LSTM, "model=gru", "data=shakespeare", "data.max_documents=3", "trainer.max_steps=20",
             f"hydra.run.dir={tmp_path / 'g'}")
