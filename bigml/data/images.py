@@ -356,13 +356,6 @@ def load_image_processor(path: str, key: str = "model.path"):
                         f"{str(e).splitlines()[0][:200]})") from None
 
 
-def processor_geometry(processor, config) -> tuple[tuple[int, int], int, list[float], list[float]]:
-    """(size, channels, mean, std) the model's inputs need, from its processor and config."""
-    size = (int(processor.size["height"]), int(processor.size["width"]))
-    channels = int(getattr(config, "num_channels", 3))
-    return size, channels, list(processor.image_mean)[:channels], list(processor.image_std)[:channels]
-
-
 def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> Path:
     """Images in [0, 1] (N, C, H, W) as one PNG grid with a 1-pixel gap (written atomically)."""
     import math
