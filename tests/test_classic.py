@@ -492,7 +492,9 @@ def test_lstm_pretrain_generate_greedy_matches_a_manual_loop(cli, run_script, co
     m = metrics(tmp_path / "l")
     assert m["val_loss"] < m["val_loss_initial"] and m["val_perplexity"] > 1, m
     model_dir = tmp_path / "l" / "model"
-    outs = [run_script("generate", f"model.path={model_dir}", "prompt=The cat", "max_new_tokens=24") for _ in range(2)]
+    # once through the console script, once in-process: the same greedy text
+    outs = [run_script("generate", f"model.path={model_dir}", "prompt=The cat", "max_new_tokens=24"),
+            cli("generate", f"model.path={model_dir}", "prompt=The cat", "max_new_tokens=24")]
     assert outs[0].code == 0 and outs[0].out == outs[1].out and outs[0].out.strip(), outs[0].err
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -514,11 +516,11 @@ def test_lstm_pretrain_generate_greedy_matches_a_manual_loop(cli, run_script, co
     # a batch of prompts of different lengths (left padding) decodes as each prompt alone
     prompts = tmp_path / "p.txt"
     prompts.write_text("The cat\nA dog sees\n")
-    batch = run_script("generate", f"model.path={model_dir}", f"prompts_file={prompts}", "max_new_tokens=24")
+    batch = cli("generate", f"model.path={model_dir}", f"prompts_file={prompts}", "max_new_tokens=24")
     assert batch.code == 0, batch.err
     first = json.loads(batch.out.splitlines()[0])
     assert first["completion"] == outs[0].out.rstrip("\n")
-    alone = run_script("generate", f"model.path={model_dir}", "prompt=A dog sees", "max_new_tokens=24")
+    alone = cli("generate", f"model.path={model_dir}", "prompt=A dog sees", "max_new_tokens=24")
     assert json.loads(batch.out.splitlines()[1])["completion"] == alone.out.rstrip("\n")
 
     r = cli("eval", f"model.path={model_dir}", "data=text", f"data.path={corpus}", "data.block_size=32",
@@ -556,7 +558,8 @@ def test_dcgan_pretrain_fid_grid_and_generate(cli, run_script, tmp_path):
     grids = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         out = tmp_path / f"{name}.png"
-        g = run_script("generate", f"model.path={model_dir}", "num_images=16", f"output={out}", f"seed={seed}")
+        call = run_script if name == "a" else cli  # the console script once, then in-process (faster)
+        g = call("generate", f"model.path={model_dir}", "num_images=16", f"output={out}", f"seed={seed}")
         assert g.code == 0, g.err
         grids.append(out.read_bytes())
     assert grids[0] == grids[1] and grids[0] != grids[2]
@@ -583,7 +586,7 @@ def test_dcgan_pretrain_fid_grid_and_generate(cli, run_script, tmp_path):
     assert r.code == 2 and "accuracy" in r.err
     r = cli("eval", f"model.path={model_dir}", "data=digits", "task=classification", f"hydra.run.dir={tmp_path / 'e3'}")
     assert r.code == 2
-    g = run_script("generate", f"model.path={model_dir}", "num_images=4")
+    g = cli("generate", f"model.path={model_dir}", "num_images=4")
     assert g.code == 2 and "output=" in g.err
 
 
