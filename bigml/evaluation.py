@@ -41,7 +41,6 @@ def task_choice(cfg) -> str | None:
 
 
 def load_model_for_eval(model_path, cfg) -> tuple[Any, Any, Task]:
-    from bigml.data.tokenizer import load_tokenizer
     from bigml.models.loading import load_model, model_task, read_config
 
     if not model_path:
@@ -56,7 +55,7 @@ def load_model_for_eval(model_path, cfg) -> tuple[Any, Any, Task]:
     from bigml.models.loading import require_weights
 
     require_weights(path)
-    tokenizer = load_tokenizer(str(tok_path or path), "tokenizer.path" if tok_path else "model.path")
+    tokenizer = task.load_preprocessor(str(tok_path or path), "tokenizer.path" if tok_path else "model.path")
     model, task = load_model(path, task, config=config)
     return model, tokenizer, task
 

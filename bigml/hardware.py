@@ -142,14 +142,16 @@ def peak_flops(accelerator: str, precision: str, cache_dir: str | None = None) -
     return float(known[key])
 
 
-def flops_per_token(config, seq_len: int) -> float:
+def flops_per_token(config, seq_len: int) -> float | None:
     """Training FLOPs per token: 6N for the matmuls of the non-embedding parameters (forward 2N,
     backward 4N) plus 12 * layers * hidden * seq_len for attention scores (Kaplan et al. / PaLM)."""
     d = config.to_dict()
     layers = d.get("num_hidden_layers", d.get("n_layer"))
     hidden = d.get("hidden_size", d.get("n_embd"))
-    inter = d.get("intermediate_size", d.get("n_inner")) or 4 * hidden
     heads = d.get("num_attention_heads", d.get("n_head"))
+    if layers is None or hidden is None or heads is None:
+        return None  # not a transformer (an LSTM, say): no MFU is reported
+    inter = d.get("intermediate_size", d.get("n_inner")) or 4 * hidden
     kv_heads = d.get("num_key_value_heads") or heads
     head_dim = hidden // heads
     attn = hidden * (heads * head_dim) * 2 + hidden * (kv_heads * head_dim) * 2  # q, o, k, v

@@ -50,8 +50,7 @@ class ThroughputMeter(pl.Callback):
             self.first_step_time = dt
         if self.batches >= self.warmup_steps:
             self.step_time += dt
-            n = batch.numel() if torch.is_tensor(batch) else int(batch["input_ids"].numel())
-            b = batch.shape[0] if torch.is_tensor(batch) else int(batch["input_ids"].shape[0])
+            n, b = _tokens_and_samples(batch)
             self.tokens += n * trainer.world_size
             self.samples += b * trainer.world_size
         self.batches += 1
@@ -86,3 +85,14 @@ class ThroughputMeter(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.world_size = trainer.world_size
+
+
+def _tokens_and_samples(batch: Any) -> tuple[int, int]:
+    """Tokens and examples in a batch: token ids (a tensor, or input_ids); batches without tokens
+    (images, table rows: their first tensor) count one "token" per example."""
+    if torch.is_tensor(batch):
+        return batch.numel(), batch.shape[0]
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel()), int(batch["input_ids"].shape[0])
+    first = next(v for v in batch.values() if torch.is_tensor(v))
+    return int(first.shape[0]), int(first.shape[0])

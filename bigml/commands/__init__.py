@@ -23,12 +23,12 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "pretrain": Command("pretrain a masked LM (BERT-style) or causal LM (GPT/Llama-style) from scratch",
-                        data_kinds=("corpus",)),
+    "pretrain": Command("pretrain a masked LM (BERT-style) or causal LM (GPT/Llama-style) from scratch; a GAN on images",
+                        data_kinds=("corpus", "images")),
     "finetune": Command("adapt a model to a task: classify, regress, tag; instruction (sft) and preference (dpo) tuning",
-                        data_kinds=("labeled", "chat", "preferences"), presets={"method": ("full", "lora")}),
+                        data_kinds=("labeled", "chat", "preferences", "images"), presets={"method": ("full", "lora")}),
     "eval": Command("score a model: task metrics, perplexity, a JSON report, CI gates",
-                    data_kinds=("labeled", "corpus", "chat", "preferences")),
+                    data_kinds=("labeled", "corpus", "chat", "preferences", "images")),
     "generate": Command("decode text with a causal LM, or fill [MASK] with a masked LM"),
     "compress": Command("quantize, prune or distill a model, with a before/after report",
                         data_kinds=("labeled", "corpus", "chat", "preferences"),

@@ -256,6 +256,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from bigml.evaluation import load_model_for_eval
 
     model, tokenizer, task = load_model_for_eval(path, cfg)
+    if not task.compressible:
+        raise ConfigError("model.path", f"{path} is a {task.name} model; bigml compress measures and compresses "
+                          f"text models (transformers with a tokenizer)", "compress a text model")
     log.info("compress: %s (%s) | %s | run directory: %s", path, task.name, " -> ".join(methods), run_dir.path)
     mcfg = cfg.measure
     measure_kw = dict(batch_size=int(mcfg.batch_size), seq_len=int(mcfg.seq_len), warmup=int(mcfg.warmup),

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bigml.atomic import atomic_write_json
 from bigml.commands.runner import print_summary
@@ -30,6 +30,10 @@ _STARTED: list[float] = []
 def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
+    if OmegaConf.is_list(cfg.model.get("path")):  # model.path=[a,b,c]: an ensemble (bigml.ensemble)
+        from bigml.ensemble import run as run_ensemble
+
+        return run_ensemble(cfg, write_report, print_report)
     run_dir = RunDir.open(cfg)
     _STARTED[:] = [run_dir.started]
     torch.manual_seed(int(cfg.seed))

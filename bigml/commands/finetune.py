@@ -36,6 +36,7 @@ from bigml.errors import ConfigError, DataError
 from bigml.evaluation import check_gate_names, gate_status
 from bigml.models import architectures
 from bigml.models.loading import read_config, require_weights
+from bigml.models.presets import apply_training_defaults
 from bigml.models.task_model import TaskModel
 from bigml.run_dir import RunDir
 from bigml.tasks import Task, get_task, task_names
@@ -54,7 +55,7 @@ def finetune_task(cfg) -> Task:
     if not task.finetunable:
         raise ConfigError("task", f"{task.name!r} cannot be finetuned",
                           f"choose one of {', '.join(task_names(lambda t: t.finetunable))}")
-    return task
+    return task.for_config(cfg)  # e.g. classification of images or table rows
 
 
 def monitor_of(cfg, task: Task) -> tuple[str, str]:
@@ -144,9 +145,11 @@ def stepping_batches(cfg: DictConfig, batches_per_epoch: int) -> int:
 
 # -- the recipe ------------------------------------------------------------------------------------
 
-def setup_data(cfg, task: Task) -> FinetuneData:
-    raw = task.read_splits(cfg, int(cfg.seed))
-    tokenizer, base_config, hf_config = tokenizer_and_config(cfg, task, raw)
+def setup_data(cfg, task: Task, raw=None) -> FinetuneData:
+    raw = raw if raw is not None else task.read_splits(cfg, int(cfg.seed))  # k-fold passes each fold's rows
+    raw.train = task.augment_training(raw.train, cfg)
+    prepared = task.preprocessor_and_config(cfg, raw)  # images / tables: no tokenizer
+    tokenizer, base_config, hf_config = prepared if prepared is not None else tokenizer_and_config(cfg, task, raw)
     task.prepare_tokenizer(tokenizer, cfg)
     names = raw.label_names
     task.check_training_labels(names, len(raw.train))
@@ -181,7 +184,7 @@ def setup_module(cfg, task: Task, data: FinetuneData) -> TaskModel:
 
 def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: FinetuneData, metric: str, mode: str):
     train_loader = task.train_loader(data.encoded["train"], data.tokenizer, cfg)
-    val_loader = labeled.make_loader(data.encoded["val"], task.collate_fn(data.tokenizer), int(cfg.eval.batch_size))
+    val_loader = task.eval_loader(data.encoded["val"], data.tokenizer, int(cfg.eval.batch_size))
     ckpts = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.get("every_n_steps", 1000)),
                                  int(cfg.checkpoint.get("keep", 1)), monitor=f"val_{metric}", mode=mode)
     stop = EarlyStopping(monitor=f"val_{metric}", mode=mode, patience=int(cfg.finetune.early_stopping.patience))
@@ -229,16 +232,24 @@ def export(cfg, task: Task, run_dir: RunDir, model, adapter_model, data: Finetun
         "run_dir": str(run_dir.path), **task.export_metadata(cfg)})
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: RunDir | None = None, raw=None) -> dict[str, Any]:
+    """One finetuning run; k-fold cross-validation (cv.folds) runs it per fold (bigml.crossval),
+    passing each fold's directory and rows."""
+    if run_dir is None:
+        apply_training_defaults(cfg)
+        if (cfg.get("cv") or {}).get("folds"):
+            from bigml.crossval import cross_validate
+
+            return cross_validate(cfg, run)
     task = finetune_task(cfg)
     metric, mode = monitor_of(cfg, task)
     check_gate_names(cfg.eval, task)
     trainer_kwargs(cfg)
     resuming = bool(cfg.get("resume"))
-    run_dir = RunDir.open(cfg, resuming=resuming)
+    run_dir = run_dir or RunDir.open(cfg, resuming=resuming)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    data = setup_data(cfg, task)
+    data = setup_data(cfg, task, raw)
     module = setup_module(cfg, task, data)
     task.before_fit(module, data.encoded, data.tokenizer, cfg)
     n_params = architectures.count_params(module.model)

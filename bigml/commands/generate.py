@@ -100,6 +100,9 @@ def _device(cfg: DictConfig) -> str:
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
+    drawn = _draw_images(cfg)
+    if drawn is not None:
+        return drawn
     _check(cfg)
     stops = _stops(cfg)
     records, single = _records(cfg)
@@ -125,6 +128,20 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     model = model.to(device=device, dtype=dtype).eval()
     transformers.set_seed(int(cfg.seed))
     return task.generate(cfg, model, tokenizer, records, single, field, stops, dtype)
+
+
+def _draw_images(cfg: DictConfig) -> dict[str, Any] | None:
+    """A GAN generator (model=dcgan) draws num_images images into output=<grid>.png; None for
+    language models."""
+    from bigml.models.loading import load_model, model_task, read_config
+
+    path = str(cfg.model.path)
+    config = read_config(path)
+    task = model_task(config, path)
+    if not task.draws_images:
+        return None
+    model, _ = load_model(path, task, config=config)
+    return task.draw(cfg, model)
 
 
 def _language_model_of(config, task):

@@ -23,6 +23,7 @@ from bigml.errors import ConfigError, DataError
 from bigml.models import architectures
 from bigml.models.language_model import LanguageModel
 from bigml.models.loading import read_config
+from bigml.models.presets import apply_training_defaults
 from bigml.run_dir import RunDir
 from bigml.tasks import get_task, language_model_task
 from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
@@ -47,7 +48,9 @@ def prepare(cfg: DictConfig):
     init_path = cfg.model.get("path")
     base_config = read_config(str(init_path)) if init_path else None
     task = language_model_task(base_config) if base_config else get_task(architectures.pretraining_task_name(cfg.model))
-    max_pos = _max_positions(base_config) if base_config else int(cfg.model.max_position_embeddings)
+    task = task.for_objective(cfg.get("objective"))  # objective=mlm+nsp: masked LM + next-sentence prediction
+    # recurrent models (model=lstm) have no position limit: no max_position_embeddings
+    max_pos = _max_positions(base_config) if base_config else int(cfg.model.get("max_position_embeddings") or 0) or None
     if max_pos and block > max_pos:
         raise ConfigError("data.block_size", f"{block} exceeds the model's {max_pos} positions",
                           "lower data.block_size or raise model.max_position_embeddings")
@@ -94,6 +97,11 @@ def _iter_docs(ds):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    apply_training_defaults(cfg)
+    if not cfg.model.get("path"):
+        task = get_task(architectures.pretraining_task_name(cfg.model))
+        if not task.language_model:  # model=dcgan: the task brings its own recipe (bigml.adversarial)
+            return task.pretrain(cfg)
     resuming = bool(cfg.get("resume"))
     _, extra = trainer_kwargs(cfg)  # validate the trainer settings before any slow work
     run_dir = RunDir.open(cfg, resuming=resuming)
@@ -112,6 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         init_path=str(init_path) if init_path else None, mlm_probability=float(cfg.mlm_probability),
         special_ids=special_ids, mask_token_id=tokenizer.mask_token_id, seed=int(cfg.seed),
         compile=bool(extra.get("compile", False)),
+        token_ids={"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id},
     )
     n_params = architectures.count_params(module.model)
     block = int(cfg.data.block_size)
@@ -172,6 +181,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if task.accuracy_reported():
         metrics["val_accuracy"] = final.get("val_accuracy")
+    metrics.update({f"val_{k}": final.get(f"val_{k}") for k in task.extra_validation_metrics})
     if identical is not None:
         metrics["replicas_identical"] = identical
     metrics.update({k: v for k, v in meter.summary().items()})
@@ -184,7 +194,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir.write_metrics(metrics)
         print_summary("bigml pretrain", {**{k: metrics[k] for k in (
             "model", "params", "step", "tokens_seen", "train_loss", "val_loss_initial", "val_loss", "val_perplexity",
-            "tokens_per_sec", "mfu", "precision")}, "model_dir": str(run_dir.model_dir)})
+            "tokens_per_sec", "mfu", "precision")}, **{k: v for k, v in metrics.items() if k.startswith("val_nsp")},
+            "model_dir": str(run_dir.model_dir)})
     return metrics
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import BertConfig, GPT2Config, LlamaConfig, PretrainedConfig
 
 from bigml.errors import ConfigError
+from bigml.models.classic import BigmlDCGANConfig, BigmlRNNConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,13 @@ ARCHS: dict[str, tuple[type[PretrainedConfig], str]] = {
     "bert": (BertConfig, "masked_lm"),
     "gpt2": (GPT2Config, "causal_lm"),
     "llama": (LlamaConfig, "causal_lm"),
+    "rnn": (BigmlRNNConfig, "causal_lm"),          # model=lstm | gru (bigml.models.classic)
+    "dcgan": (BigmlDCGANConfig, "image-generation"),  # model=dcgan: trained by bigml.adversarial
 }
 # Keys of conf/model/*.yaml that are bigml's, not transformers' (the friendly names feed the
 # transformers fields through interpolation in conf/arch/*.yaml).
 BIGML_KEYS = {"name", "arch", "path", "num_layers", "num_heads", "num_kv_heads", "dropout", "hidden_size",
-              "intermediate_size", "max_position_embeddings"}
+              "intermediate_size", "max_position_embeddings", "inputs", "training", "gan", "objective"}
 
 
 def arch_of(model_cfg) -> str:
@@ -53,7 +56,7 @@ def hf_config_from_cfg(model_cfg, vocab_size: int, special_ids: dict[str, int | 
             raise ConfigError(f"model.{k}", f"not a field of transformers' {cls.__name__}",
                               "remove it, or use one of the fields listed by `bigml pretrain --cfg job`")
         fields[k] = v
-    if int(model_cfg.num_heads) <= 0 or int(model_cfg.hidden_size) % int(model_cfg.num_heads):
+    if "num_heads" in model_cfg and (int(model_cfg.num_heads) <= 0 or int(model_cfg.hidden_size) % int(model_cfg.num_heads)):
         raise ConfigError("model.num_heads", f"{model_cfg.num_heads} does not divide hidden_size {model_cfg.hidden_size}")
     fields.update({k: v for k, v in special_ids.items() if v is not None})
     fields["vocab_size"] = vocab_size
@@ -66,6 +69,6 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 def describe(config: PretrainedConfig) -> str:
     d = config.to_dict()
-    layers = d.get("num_hidden_layers", d.get("n_layer"))
+    layers = d.get("num_hidden_layers", d.get("n_layer", d.get("num_layers")))
     hidden = d.get("hidden_size", d.get("n_embd"))
     return f"{config.model_type} {layers}x{hidden}, vocab {config.vocab_size}"

@@ -31,7 +31,8 @@ class LanguageModel(ExactResume, pl.LightningModule):
 
     def __init__(self, hf_config: dict, task: str, optimizer: dict, scheduler: dict,
                  init_path: str | None = None, mlm_probability: float = 0.15, special_ids: list[int] | None = None,
-                 mask_token_id: int | None = None, seed: int = 0, compile: bool = False):
+                 mask_token_id: int | None = None, seed: int = 0, compile: bool = False,
+                 token_ids: dict[str, int | None] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.task = get_task(task)
@@ -42,6 +43,7 @@ class LanguageModel(ExactResume, pl.LightningModule):
         self.register_buffer("special_ids", torch.tensor(special_ids or [], dtype=torch.long), persistent=False)
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
+        self.val_extras = torch.nn.ModuleDict({k: MeanMetric() for k in self.task.extra_validation_metrics})
         self.tokens_seen = 0
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=20)
         self._pending_rng: dict | None = None
@@ -55,7 +57,7 @@ class LanguageModel(ExactResume, pl.LightningModule):
     def _inputs_and_labels(self, batch: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.task.inputs_and_labels(batch, seed, mask_token_id=self.hparams.mask_token_id,
                                            special_ids=self.special_ids, probability=self.hparams.mlm_probability,
-                                           vocab_size=self.model.config.vocab_size)
+                                           vocab_size=self.model.config.vocab_size, **(self.hparams.token_ids or {}))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, labels=labels)
@@ -90,6 +92,8 @@ class LanguageModel(ExactResume, pl.LightningModule):
         else:
             loss = self.task.training_loss(self.model, inputs, labels)
         self.val_loss.update(loss.detach().float(), weight=self.task.n_targets(labels))
+        for name, (value, weight) in self.task.validation_extras(self.model, inputs, labels).items():
+            self.val_extras[name].update(value.detach().float(), weight=weight)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -98,6 +102,9 @@ class LanguageModel(ExactResume, pl.LightningModule):
         self.log("val_perplexity", torch.exp(loss.clamp(max=50)), sync_dist=True)
         if self.task.accuracy_reported():
             self.log("val_accuracy", self.val_accuracy.compute(), sync_dist=True)
+        for name, metric in self.val_extras.items():
+            self.log(f"val_{name}", metric.compute(), sync_dist=True)
+            metric.reset()
         self.val_loss.reset()
         self.val_accuracy.reset()
         self.last_val_step = self.global_step if not self.trainer.sanity_checking else -1

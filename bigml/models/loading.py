@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from bigml.errors import DataError
+from bigml.models import classic  # noqa: F401 - registers bigml's own architectures with the Auto classes
 from bigml.tasks import Task, get_task, infer_task
 
 

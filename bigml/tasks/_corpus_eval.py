@@ -43,7 +43,8 @@ def evaluate(task, model, tokenizer, cfg) -> dict[str, float]:
     loss_m, acc_m = MeanMetric(), MeanMetric()
     options = dict(seed=int(cfg.get("seed", 0)), mask_token_id=tokenizer.mask_token_id,
                    special_ids=torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=device),
-                   probability=float(cfg.eval.get("mlm_probability") or 0.15))
+                   probability=float(cfg.eval.get("mlm_probability") or 0.15),
+                   cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
     targets = 0
     model.eval()
     with torch.no_grad():

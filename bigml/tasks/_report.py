@@ -16,6 +16,8 @@ class Report:
     per_class: list[dict[str, Any]] = field(default_factory=list)
     confusion: list[list[int]] | None = None
     rows: list[dict[str, Any]] | None = None  # predictions (when asked for)
+    outputs: Any = None  # the head's outputs, row by row (keep_outputs=True: ensembles combine them)
+    targets: Any = None  # ... and the labels they are scored against
 
     @property
     def kind(self) -> str:  # the name reports used before tasks were modules

@@ -42,6 +42,9 @@ class Task:
     # what `bigml serve` answers for its models: "predict" (/v1/predict), "completions" and
     # "chat_completions" (OpenAI's /v1/completions, /v1/chat/completions), "fill_mask" (/v1/fill-mask)
     endpoints: ClassVar[tuple[str, ...]] = ()
+    ensembles: ClassVar[bool] = False       # bigml eval model.path=[a,b,c] averages its members' outputs
+    draws_images: ClassVar[bool] = False    # bigml generate draws images (`draw`), no prompts
+    compressible: ClassVar[bool] = True     # bigml compress measures it (token batches of measure.seq_len)
 
     # -- models --------------------------------------------------------------------------------
     @property
@@ -76,6 +79,39 @@ class Task:
     def read_splits(self, cfg, seed: int):
         """The raw train / val / test rows of cfg.data (a bigml.data.labeled.RawSplits)."""
         raise ConfigError("task", f"{self.name} is not trained by bigml finetune")
+
+    def for_config(self, cfg) -> Task:
+        """The task that trains this run: itself, or the variant for what the model and data hold
+        (classification of images or of table rows, say)."""
+        return self
+
+    def preprocessor_and_config(self, cfg, raw):
+        """(preprocessor, starting model config or None, from-scratch config dict or None) for tasks
+        whose inputs are not text; None: a tokenizer (model.path's, or trained on the texts)."""
+        return None
+
+    def load_preprocessor(self, path: str, key: str = "model.path"):
+        """What turns raw inputs into model inputs, from a model directory: its tokenizer."""
+        from bigml.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(path, key)
+
+    def eval_loader(self, encoded, tokenizer, batch_size: int):
+        """Batches of an encoded split in row order (validation during finetuning)."""
+        from bigml.data.labeled import make_loader
+
+        return make_loader(encoded, self.collate_fn(tokenizer), batch_size)
+
+    def augment_training(self, train, cfg):
+        """The training rows with data.augment applied (the task's own kind of augmentation)."""
+        if cfg.data.get("augment"):
+            raise ConfigError("data.augment", f"{self.name} has no data augmentation", "drop data.augment")
+        return train
+
+    def combine_outputs(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The ensemble's output from its members' (bigml eval model.path=[a,b,c])."""
+        raise ConfigError("model.path", f"{self.name} models cannot be ensembled",
+                          "ensembles average classification probabilities or regression values")
 
     def prepare_tokenizer(self, tokenizer, cfg) -> None:
         """Make the tokenizer ready for batching (a padding token) and for the task."""
@@ -301,6 +337,20 @@ class LabeledTask(Task):
     def describe_labels(self, names: list[str]) -> str:
         return f"{len(names)} labels ({', '.join(names[:8])})" if names else "numeric target"
 
+    def augment_training(self, train, cfg):
+        """data.augment=[delete,swap,...]: data.augment_copies augmented copies of every training text
+        (bigml.data.augment), made once with the run's seed; validation and test rows stay as they are."""
+        from bigml.data.augment import TEXT_OPS, augment_rows, op_names
+
+        ops = op_names(cfg.data.get("augment"), TEXT_OPS)
+        if not ops:
+            return train
+        copies = int(cfg.data.get("augment_copies") or 1)
+        out = augment_rows(train, ops, copies, int(cfg.seed))
+        log.info("data.augment: %s -> %d training rows (%d + %d augmented copies of each)", "+".join(ops), len(out),
+                 len(train), copies)
+        return out
+
     def normalize_labels(self, ds, separator: str | None, where: str):
         """Labels (and texts) to the task's raw types."""
         import datasets
@@ -451,6 +501,15 @@ class LabeledTask(Task):
     def answers(self, logits: torch.Tensor, names: list[str]) -> list[dict[str, Any]]:
         """The head's output for a batch of texts, as the JSON objects /v1/predict returns."""
         raise NotImplementedError
+    def encode_for_eval(self, model, tokenizer, cfg, split: str):
+        """(encoded split, its raw rows, label names in the model's order) of cfg.data, for scoring."""
+        from bigml.tasks._labeled_eval import encode_for_eval
+
+        return encode_for_eval(self, model, tokenizer, cfg, split)
+
+    def row_inputs(self, raw_rows) -> list[dict]:
+        """What identifies each scored row in predictions.jsonl (its text)."""
+        return [{"text": " ".join(t) if isinstance(t, list) else t} for t in raw_rows["text"]]
 
 
 def _finish_encoding(ds, fn, truncated: list[int], max_length: int, where: str):
@@ -487,11 +546,27 @@ class LanguageModelTask(Task):
         """Whether this is the objective a model family (any head) pretrains with."""
         from transformers.models.auto import modeling_auto
 
-        return config.model_type in getattr(modeling_auto, self.mapping_names)
+        if config.model_type in getattr(modeling_auto, self.mapping_names):
+            return True
+        # architectures registered with the auto class at run time (bigml.models.classic: model=lstm)
+        return type(config) in getattr(self.auto_class._model_mapping, "_extra_content", {})
 
     def post_processor(self, tok):
         """A `tokenizers` post-processor wrapping each document (None: documents as they are)."""
         return None
+
+    extra_validation_metrics: ClassVar[tuple[str, ...]] = ()  # more val_<name> keys of pretraining (nsp_accuracy)
+
+    def for_objective(self, objective) -> LanguageModelTask:
+        """The task that pretrains with `objective` (pretrain's objective=): this one by default."""
+        if objective in (None, "auto", self.objective):
+            return self
+        raise ConfigError("objective", f"{objective!r} is not an objective of {self.name.replace('_', ' ')} models",
+                          "use objective=auto" + (" or mlm+nsp (BERT-style encoders)" if self.objective != "causal" else ""))
+
+    def validation_extras(self, model, inputs, labels) -> dict[str, tuple[torch.Tensor, int]]:
+        """Values (mean, weight) of extra_validation_metrics for one validation batch."""
+        return {}
 
     def check_tokenizer(self, tokenizer, where: str) -> None:
         """Raise DataError when the tokenizer lacks a token the objective needs."""

@@ -21,6 +21,20 @@ class Classification(LabeledTask):
     class_weights = True
     min_labels = 2
     infer_priority = 30
+    ensembles = True
+
+    def for_config(self, cfg):
+        """Images or table rows when the model and data hold them (bigml.data.modality)."""
+        from bigml.data.modality import input_kind
+        from bigml.tasks import get_task
+
+        kind = input_kind(cfg)
+        return self if kind == "text" else get_task(f"{kind}-classification").for_config(cfg)
+
+    def combine_outputs(self, outputs):
+        """The members' probabilities averaged (returned as log-probabilities: softmax gives them back)."""
+        probs = torch.stack([o.float().softmax(-1) for o in outputs]).mean(0)
+        return probs.clamp_min(1e-12).log()
 
     def _claims_head(self, config) -> bool:
         pt = getattr(config, "problem_type", None)

@@ -78,7 +78,15 @@ class MaskedLM(LanguageModelTask):
             raise DataError(f"{where}: has no mask token, which masked-LM pretraining and scoring need; "
                             f"use a BERT-style tokenizer")
 
-    def inputs_and_labels(self, batch, seed, *, mask_token_id, special_ids, probability, vocab_size):
+    def for_objective(self, objective):
+        """objective=mlm+nsp: BERT's full recipe, masked LM plus next-sentence prediction."""
+        if objective in ("mlm+nsp", "masked+nsp"):
+            from bigml.tasks import get_task
+
+            return get_task("masked_lm_nsp")
+        return super().for_objective("masked" if objective == "mlm" else objective)
+
+    def inputs_and_labels(self, batch, seed, *, mask_token_id, special_ids, probability, vocab_size, **_):
         g = torch.Generator(device=batch.device).manual_seed(seed)
         return mask_tokens(batch, mask_id=mask_token_id, vocab_size=vocab_size, special_ids=special_ids,
                            probability=probability, generator=g)
@@ -103,7 +111,7 @@ class MaskedLM(LanguageModelTask):
     def accuracy_reported(self) -> bool:
         return True
 
-    def score_block(self, model, ids, batch_index, *, seed, mask_token_id, special_ids, probability):
+    def score_block(self, model, ids, batch_index, *, seed, mask_token_id, special_ids, probability, **_):
         g = torch.Generator(device=ids.device).manual_seed(seed + 7919 * batch_index)
         inputs, labels = mask_tokens(ids, mask_id=mask_token_id, vocab_size=model.config.vocab_size,
                                      special_ids=special_ids, probability=probability, generator=g)

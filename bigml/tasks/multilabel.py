@@ -18,6 +18,12 @@ class Multilabel(LabeledTask):
     headline_metric = "accuracy"
     problem_type = "multi_label_classification"
     infer_priority = 20
+    ensembles = True
+
+    def combine_outputs(self, outputs):
+        """The members' per-label probabilities averaged (returned as logits: sigmoid gives them back)."""
+        probs = torch.stack([o.float().sigmoid() for o in outputs]).mean(0).clamp(1e-6, 1 - 1e-6)
+        return torch.log(probs) - torch.log1p(-probs)
 
     def _claims_head(self, config) -> bool:
         return getattr(config, "problem_type", None) == "multi_label_classification"

@@ -19,6 +19,21 @@ class Regression(LabeledTask):
     problem_type = "regression"
     numeric_target = True
     infer_priority = 10
+    ensembles = True
+
+    def for_config(self, cfg):
+        """A table of numbers when the model and data are one (bigml.data.modality)."""
+        from bigml.data.modality import input_kind
+        from bigml.errors import ConfigError
+        from bigml.tasks import get_task
+
+        kind = input_kind(cfg)
+        if kind == "image":
+            raise ConfigError("task", "regression on images is not supported", "use task=image-classification")
+        return self if kind == "text" else get_task("tabular-regression").for_config(cfg)
+
+    def combine_outputs(self, outputs):
+        return torch.stack([o.float().reshape(-1) for o in outputs]).mean(0)
 
     def _claims_head(self, config) -> bool:
         pt = getattr(config, "problem_type", None)
