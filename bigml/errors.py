@@ -4,6 +4,7 @@ Exit codes (documented in README.md, relied on by CI pipelines):
   0  success
   1  runtime failure (a bug, an out-of-memory, a diverged run, a failed metric gate...)
   2  usage, config or data error: something in the command line, a config or an input file is wrong
+  143 preempted: SIGTERM or SIGUSR1 stopped a run after saving a checkpoint; resume=auto continues it
 
 Anything raised as a `UsageError` is printed as one line (what is wrong, where, what to do) with no
 traceback unless BIGML_DEBUG=1 or HYDRA_FULL_ERROR=1 is set.
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
 
 
 class BigmlError(Exception):
@@ -48,6 +50,15 @@ class DataError(UsageError):
 
 class TrainingDiverged(BigmlError):
     """The loss became NaN or infinite: exit code 1 (a runtime failure, not a usage error)."""
+
+    status = "diverged"  # metrics.json
+
+
+class Preempted(BigmlError):
+    """A preemption signal (SIGTERM, SIGUSR1) ended the command; the run can be resumed."""
+
+    exit_code = EXIT_PREEMPTED
+    status = "preempted"
 
 
 class GateFailed(BigmlError):

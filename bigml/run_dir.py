@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bigml import __version__
-from bigml.atomic import atomic_directory, atomic_write_json
+from bigml.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
 from bigml.errors import UsageError
 
 log = logging.getLogger("bigml")
@@ -118,6 +118,9 @@ class RunDir:
             raise UsageError(f"{path}: cannot write the run directory ({e.strerror}); "
                              f"set BIGML_OUTPUT_ROOT or hydra.run.dir to a writable place") from None
         run._write_config(cfg)
+        if resuming:  # what a killed writer left in this run: temporary checkpoint files, a half export
+            remove_stale_temporaries(run.checkpoints)
+            remove_stale_temporaries(path, "model")
         handler = logging.FileHandler(path / "bigml.log")
         handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         logging.getLogger().addHandler(handler)
@@ -139,7 +142,7 @@ class RunDir:
     def export_model(self, model, tokenizer, metadata: dict[str, Any], state_dict: dict | None = None) -> Path:
         """save_pretrained (safetensors) + tokenizer + bigml.json, all in one atomic rename.
         `state_dict` overrides the model's own tensors (e.g. weights gathered from FSDP shards)."""
-        with atomic_directory(self.model_dir) as tmp:
+        with atomic_directory(self.model_dir, manifest=True) as tmp:  # SHA256SUMS: checked when loaded
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))

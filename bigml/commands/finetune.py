@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
@@ -38,7 +37,8 @@ from bigml.models.loading import read_config, require_weights
 from bigml.models.task_model import TaskModel
 from bigml.run_dir import RunDir
 from bigml.tasks import Task, get_task, task_names
-from bigml.training.checkpoints import checkpoint_callbacks
+from bigml.training.checkpoints import checkpoint_callbacks, load_checkpoint
+from bigml.training.nonfinite import fit_with_rollback, guard_of
 from bigml.training.trainer import build_trainer, trainer_kwargs
 
 log = logging.getLogger("bigml")
@@ -166,14 +166,16 @@ def setup_module(cfg, task: Task, data: FinetuneData) -> TaskModel:
                      options=task.module_options(cfg))
 
 
-def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: FinetuneData, metric: str, mode: str):
+def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: FinetuneData, metric: str, mode: str,
+                  guard=None):
     train_loader = task.train_loader(data.encoded["train"], data.tokenizer, cfg)
     val_loader = labeled.make_loader(data.encoded["val"], task.collate_fn(data.tokenizer), int(cfg.eval.batch_size))
     ckpts = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.get("every_n_steps", 1000)),
                                  int(cfg.checkpoint.get("keep", 1)), monitor=f"val_{metric}", mode=mode)
     stop = EarlyStopping(monitor=f"val_{metric}", mode=mode, patience=int(cfg.finetune.early_stopping.patience))
     _validate_before_max_steps(cfg, len(train_loader))
-    trainer, _ = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model)
+    trainer, _ = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model,
+                               guard=guard)
     return trainer, ckpts, train_loader, val_loader
 
 
@@ -181,7 +183,7 @@ def best_model(module: TaskModel, ckpts, metric: str, lora: bool):
     """The best validation checkpoint's weights, LoRA merged: (plain model, peft model or None)."""
     best = ckpts[1].best_model_path
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint(best)["state_dict"]
         module.load_state_dict(state)
         log.info("best checkpoint: %s (val_%s %.4g)", best, metric, float(ckpts[1].best_model_score))
     module.eval()
@@ -206,7 +208,7 @@ def score(cfg, task: Task, model, data: FinetuneData, module: TaskModel, run_dir
 
 def export(cfg, task: Task, run_dir: RunDir, model, adapter_model, data: FinetuneData) -> None:
     if adapter_model is not None:
-        with atomic_directory(run_dir.path / "adapter") as tmp:
+        with atomic_directory(run_dir.path / "adapter", manifest=True) as tmp:
             adapter_model.save_pretrained(str(tmp))
             data.tokenizer.save_pretrained(str(tmp))
     run_dir.export_model(model, data.tokenizer, metadata={
@@ -241,7 +243,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     module.model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+
+    def rebuild():  # after a rollback (trainer.on_nonfinite=rollback): a fresh trainer, the same guard
+        nonlocal ckpts
+        fresh, ckpts, _, _ = setup_trainer(cfg, run_dir, task, module, data, metric, mode, guard=guard_of(trainer))
+        return fresh
+
+    trainer = fit_with_rollback(
+        trainer, lambda t, ckpt: t.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt),
+        None, rebuild)
     train_time = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -256,7 +266,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "epochs": trainer.current_epoch, "train_time_s": round(train_time, 2),
                                "samples_per_sec": round(module.samples_seen / max(train_time, 1e-9), 2),
                                "trained_tokens_per_sec": round(module.tokens_trained / max(train_time, 1e-9), 2),
-                               "early_stopping_metric": f"val_{metric}", "precision": str(trainer.precision)}
+                               "early_stopping_metric": f"val_{metric}", "precision": str(trainer.precision),
+                               **guard_of(trainer).summary()}
     metrics.update(score(cfg, task, model, data, module, run_dir, trainer.is_global_zero))
     # CI gates on the held-out scores (eval.fail_below.<metric>: test_<metric>, else val_<metric>)
     status, failed = gate_status(metrics, cfg.eval, prefix="test_" if "test" in data.encoded else "val_")

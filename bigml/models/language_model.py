@@ -18,9 +18,9 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import CONFIG_MAPPING
 
-from bigml.errors import TrainingDiverged
 from bigml.models.loading import build_model, load_model
 from bigml.tasks import get_task
+from bigml.training.nonfinite import checked_loss
 from bigml.training.optim import build_optimizer, build_scheduler
 
 
@@ -65,11 +65,9 @@ class LanguageModel(pl.LightningModule):
         step_seed = self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank
         inputs, labels = self._inputs_and_labels(batch, step_seed)
         loss = self.task.training_loss(self.model, inputs, labels)
+        if checked_loss(self, loss, batch_idx) is None:  # trainer.on_nonfinite=skip: drop this batch
+            return None
         self.tokens_seen += batch.numel() * self.trainer.world_size
-        if batch_idx % 10 == 0 and not torch.isfinite(loss):  # checked every 10 steps: it syncs the device
-            raise TrainingDiverged(
-                f"training diverged at step {self.global_step} (loss {loss.item()}); lower optimizer.lr, "
-                f"raise scheduler.warmup_steps or use trainer.precision=32-true; checkpoints/ holds the last good state")
         self._recent_losses.append(loss.detach())
         # the mean over processes under DDP, so curves compare with single-device runs
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1)
@@ -116,7 +114,7 @@ class LanguageModel(pl.LightningModule):
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state_plain(np.random.get_state()),
                 "python": random.getstate(),
             },
         }
@@ -134,5 +132,18 @@ class LanguageModel(pl.LightningModule):
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
+            np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
             random.setstate(rng["python"])
+
+
+def _numpy_state_plain(state: tuple) -> tuple:
+    """numpy's RNG state with its key array as a tensor: checkpoints then hold only what
+    torch.load(weights_only=True) reads (bigml.training.checkpoints loads nothing else)."""
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return (name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached))

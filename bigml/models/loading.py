@@ -14,14 +14,34 @@ A `path` is a local directory or, where the network allows, a hub id.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from bigml.atomic import MANIFEST, CorruptFile, verify_directory
 from bigml.errors import DataError
 from bigml.tasks import Task, get_task, infer_task
+
+
+def check_intact(path: str | Path, key: str = "model.path") -> None:
+    """DataError naming the file if a model directory bigml wrote (SHA256SUMS) was damaged since;
+    directories from elsewhere carry no checksums and are not checked. Checked once per process."""
+    p = Path(str(path)).expanduser()
+    manifest = p / MANIFEST
+    if manifest.is_file():
+        _check_intact(str(p.resolve()), manifest.stat().st_mtime_ns, key)
+
+
+@functools.lru_cache(maxsize=32)
+def _check_intact(path: str, _manifest_mtime: int, key: str) -> None:
+    try:
+        verify_directory(path)
+    except CorruptFile as e:
+        raise DataError(f"{key}: {e}; the model directory is damaged, use another copy (or the run's "
+                        f"checkpoints/ with resume=)") from None
 
 
 def read_config(path: str, key: str = "model.path") -> PretrainedConfig:
@@ -32,6 +52,8 @@ def read_config(path: str, key: str = "model.path") -> PretrainedConfig:
                         f"(a bigml run's model/ folder)")
     if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise DataError(f"{key}={path}: no such directory")
+    if p.is_dir():
+        check_intact(p, key)
     try:
         return AutoConfig.from_pretrained(str(p) if p.exists() else path)
     except Exception as e:

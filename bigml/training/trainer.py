@@ -21,9 +21,12 @@ from bigml.callbacks.progress import LogLines
 from bigml.callbacks.throughput import ThroughputMeter
 from bigml.errors import ConfigError, UsageError
 from bigml.training.checkpoints import AtomicCheckpointIO
+from bigml.training.nonfinite import NonFiniteGuard
+from bigml.training.preemption import PreemptionCheckpoint
 
 log = logging.getLogger("bigml")
-BIGML_TRAINER_KEYS = ("compile", "fsdp")  # keys of conf/trainer that are bigml's, not Trainer arguments
+# keys of conf/trainer that are bigml's, not Trainer arguments
+BIGML_TRAINER_KEYS = ("compile", "fsdp", "on_nonfinite", "max_rollbacks", "rollback_lr_factor", "max_skipped")
 
 
 def interactive() -> bool:
@@ -119,8 +122,19 @@ def _autocast_device(accelerator: str) -> str:
     return "cpu"
 
 
+def nonfinite_guard(cfg, run_dir: Path) -> NonFiniteGuard:
+    """trainer.on_nonfinite and its settings (bigml.training.nonfinite)."""
+    t = cfg.trainer
+    return NonFiniteGuard(str(t.get("on_nonfinite") or "stop"), max_rollbacks=int(t.get("max_rollbacks", 3)),
+                          lr_factor=float(t.get("rollback_lr_factor", 0.5)), max_skipped=int(t.get("max_skipped", 100)),
+                          checkpoint_dir=run_dir / "checkpoints")
+
+
 def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per_token: float | None,
-                  monitor_progress: bool = True, model=None) -> tuple[pl.Trainer, ThroughputMeter]:
+                  monitor_progress: bool = True, model=None,
+                  guard: NonFiniteGuard | None = None) -> tuple[pl.Trainer, ThroughputMeter]:
+    """The Trainer, with bigml's fault handling always on: a NaN/inf policy (`guard`, one per run:
+    pass the previous trainer's after a rollback) and preemption (SIGTERM/SIGUSR1 -> checkpoint)."""
     kwargs, extra = trainer_kwargs(cfg)
     if kwargs.get("strategy") == "fsdp":
         if model is None:
@@ -134,7 +148,9 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     if monitor_progress:
         progress = [RichProgressBar(leave=True)] if interactive() else [LogLines(kwargs.get("log_every_n_steps", 10))]
     logger = build_logger(cfg)
-    all_callbacks = [*callbacks, meter, *progress]
+    guard = guard or nonfinite_guard(cfg, run_dir)
+    preemption = PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt")
+    all_callbacks = [*callbacks, guard, preemption, meter, *progress]
     if logger:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs.setdefault("check_val_every_n_epoch", None)  # validate every val_check_interval steps, across epochs
