@@ -13,6 +13,7 @@ traceback unless BIGML_DEBUG=1 or HYDRA_FULL_ERROR=1 is set.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 EXIT_OK = 0
@@ -59,6 +60,24 @@ class Preempted(BigmlError):
 
     exit_code = EXIT_PREEMPTED
     status = "preempted"
+
+
+class StorageError(BigmlError):
+    """Writing failed: the disk is full, the filesystem read-only, a directory not writable (exit 1).
+    The run keeps what it had saved: checkpoints are written atomically, so the previous one is intact."""
+
+    ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG)
+
+    @classmethod
+    def from_os_error(cls, e: BaseException) -> StorageError | None:
+        if not isinstance(e, OSError) or e.errno not in cls.ERRNOS:
+            return None
+        what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the filesystem is read-only", errno.EFBIG: "the file is too large for the filesystem"}
+        reason = what.get(e.errno, e.strerror or "not writable")
+        where = f" {e.filename}" if e.filename else ""
+        return cls(f"cannot write{where}: {reason}; free space or point BIGML_OUTPUT_ROOT / BIGML_CACHE_DIR "
+                   f"elsewhere, then resume=auto continues from the last checkpoint")
 
 
 class GateFailed(BigmlError):

@@ -262,6 +262,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "params": n_params, "trainable_params": n_train,
                                "trainable_share": round(n_train / n_params, 6),
                                "labels": data.names, "train_examples": len(data.encoded["train"]),
+                               "bad_rows_skipped": int(getattr(data.raw, "bad_rows_skipped", 0)),
                                "train_loss": module.recent_train_loss(), "step": trainer.global_step,
                                "epochs": trainer.current_epoch, "train_time_s": round(train_time, 2),
                                "samples_per_sec": round(module.samples_seen / max(train_time, 1e-9), 2),

@@ -178,6 +178,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "devices": trainer.world_size,
         "model_dir": str(run_dir.model_dir),
+        "bad_rows_skipped": info.bad_rows_skipped,
     }
     if task.accuracy_reported():
         metrics["val_accuracy"] = final.get("val_accuracy")

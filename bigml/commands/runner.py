@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from bigml import run_dir as run_dir_module
 from bigml.config_check import check_types
-from bigml.errors import UsageError
+from bigml.errors import StorageError, UsageError
 from bigml.run_dir import (
     RunDir,
     close_file_logs,
@@ -58,7 +58,8 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
         else:
             discard_if_empty(out)
         raise
-    except BaseException as e:
+    except BaseException as raised:
+        e = StorageError.from_os_error(raised) or raised  # disk full, read-only: one line, not a traceback
         # The run keeps what it wrote (checkpoints: resume=...), and says how it ended: "failed",
         # or the error's own status ("diverged", "preempted"). A metrics.json this job wrote itself
         # (a failed gate) stays; one left by an earlier attempt of a resumed run is replaced.
@@ -70,6 +71,8 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
                 RunDir(out).write_metrics({"command": command, "error": err}, status=getattr(e, "status", "failed"))
             except OSError as write_error:  # the disk that failed the run (full, read-only) fails this too
                 log.error("could not record the failure in %s (%s)", metrics, write_error.strerror or write_error)
+        if e is not raised:
+            raise e from None
         raise
     finally:
         close_file_logs(out)

@@ -87,7 +87,9 @@ def pack_corpus(data_cfg, tokenizer, task, documents_factory, corpus_key: str,
 
 def _pack(data_cfg, tokenizer, task, documents_factory, where: Path, seed: int, val_fraction: float) -> PackedCorpusInfo:
     t0 = time.perf_counter()
-    docs = documents_factory().shuffle(seed=seed)
+    docs = documents_factory()
+    skipped = int(getattr(docs, "bad_rows_skipped", 0))  # data.on_bad_rows=skip (bigml.data.bad_rows)
+    docs = docs.shuffle(seed=seed)
     sep = task.document_separator(tokenizer)
     num_proc = default_num_proc(data_cfg.get("num_proc"))
     if num_proc > 1:
@@ -123,7 +125,7 @@ def _pack(data_cfg, tokenizer, task, documents_factory, where: Path, seed: int, 
         del out
         meta = dict(dtype=dtype, n_tokens=n_tokens, n_train=n_tokens - n_val, n_documents=len(lengths),
                     n_bytes=n_bytes, vocab=len(tokenizer), seconds=round(time.perf_counter() - t0, 2),
-                    bad_rows_skipped=int(getattr(docs, "bad_rows_skipped", 0)))
+                    bad_rows_skipped=skipped)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("packed %d documents into %d tokens in %.1fs", len(lengths), n_tokens, time.perf_counter() - t0)
     return PackedCorpusInfo.read(where)

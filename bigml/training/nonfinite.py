@@ -128,6 +128,14 @@ class NonFiniteGuard(pl.Callback):
             if not start.exists():
                 trainer.save_checkpoint(str(start), weights_only=False)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.checkpoint_dir is not None and trainer.is_global_zero:
+            start = self.checkpoint_dir / ROLLBACK_START
+            if start.exists() and (self.checkpoint_dir / "last.ckpt").exists():
+                from bigml.atomic import remove_with_checksum
+
+                remove_with_checksum(start)  # only needed until a periodic checkpoint exists
+
     def next_attempt(self, error: RollbackRequested) -> Path:
         """The checkpoint to return to after `error`; TrainingDiverged once the rollbacks are used up."""
         from bigml.training.checkpoints import pick_checkpoint
