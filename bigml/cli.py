@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0], *argv]  # called as a function (tests): make DDP re-launch see the same
     from bigml.hardware import tune_malloc
     from bigml.run_dir import setup_console_logging
+    from bigml.training.distributed import die_with_parent
 
+    die_with_parent()  # a DDP rank > 0 must not outlive rank 0 (it would wait for it until a timeout)
     tune_malloc()
     setup_console_logging()
     debug = _debug_requested()

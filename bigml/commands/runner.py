@@ -24,6 +24,7 @@ from bigml.run_dir import (
     quiet_libraries,
     setup_console_logging,
 )
+from bigml.training.distributed import PeerLost
 
 log = logging.getLogger("bigml")
 
@@ -59,7 +60,8 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
             discard_if_empty(out)
         raise
     except BaseException as raised:
-        e = StorageError.from_os_error(raised) or raised  # disk full, read-only: one line, not a traceback
+        # disk full, read-only, a dead DDP peer: one line, not a traceback
+        e = StorageError.from_os_error(raised) or PeerLost.from_error(raised) or raised
         # The run keeps what it wrote (checkpoints: resume=...), and says how it ended: "failed",
         # or the error's own status ("diverged", "preempted"). A metrics.json this job wrote itself
         # (a failed gate) stays; one left by an earlier attempt of a resumed run is replaced.

@@ -21,12 +21,14 @@ from bigml.callbacks.progress import LogLines
 from bigml.callbacks.throughput import ThroughputMeter
 from bigml.errors import ConfigError, UsageError
 from bigml.training.checkpoints import AtomicCheckpointIO
+from bigml.training.distributed import ddp_strategy
 from bigml.training.nonfinite import NonFiniteGuard
 from bigml.training.preemption import PreemptionCheckpoint
 
 log = logging.getLogger("bigml")
 # keys of conf/trainer that are bigml's, not Trainer arguments
-BIGML_TRAINER_KEYS = ("compile", "fsdp", "on_nonfinite", "max_rollbacks", "rollback_lr_factor", "max_skipped")
+BIGML_TRAINER_KEYS = ("compile", "fsdp", "on_nonfinite", "max_rollbacks", "rollback_lr_factor", "max_skipped",
+                      "ddp_timeout_s")
 
 
 def interactive() -> bool:
@@ -136,6 +138,8 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     """The Trainer, with bigml's fault handling always on: a NaN/inf policy (`guard`, one per run:
     pass the previous trainer's after a rollback) and preemption (SIGTERM/SIGUSR1 -> checkpoint)."""
     kwargs, extra = trainer_kwargs(cfg)
+    if kwargs.get("strategy") == "ddp" and extra.get("ddp_timeout_s"):
+        kwargs["strategy"] = ddp_strategy(extra["ddp_timeout_s"])  # a dead or hung peer ends the wait
     if kwargs.get("strategy") == "fsdp":
         if model is None:
             raise UsageError("trainer=fsdp: this command does not support FSDP; use trainer=ddp")
