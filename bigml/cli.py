@@ -258,8 +258,8 @@ def _torchrun_run_dir(command: str, overrides: list[str]) -> list[str]:
     if run_id in ("", "none") or re.fullmatch(r"[0-9a-f]{8}-[0-9a-f-]{27}", run_id):  # torchrun's own uuid
         started = psutil.Process(os.getppid()).create_time()
         name = datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d_%H-%M-%S") + "-torchrun"
-    else:  # --rdzv-id given by the user: the same on every node
-        name = f"torchrun-{run_id}"
+    else:  # --rdzv-id given by the user: the same on every node (as a plain name: no way out of the root)
+        name = "torchrun-" + re.sub(r"[^A-Za-z0-9._-]", "_", run_id).lstrip(".")
     root = _override_value(overrides, "output_root") or str(output_root())
     return overrides + [f"hydra.run.dir={root}/{command}/{name}"]
 

@@ -102,6 +102,7 @@ class RunDir:
         """The current Hydra job's directory, checked so that no existing run is overwritten."""
         path = Path(HydraConfig.get().runtime.output_dir)
         run = cls(path)
+        check_inside_output_root(cfg, path)
         if not is_global_zero_process():
             return run
         if holds_run(path) and not resuming:
@@ -151,6 +152,30 @@ class RunDir:
 
     def discard_if_empty(self) -> None:
         discard_if_empty(self.path)
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(root)))
+
+
+def check_inside_output_root(cfg: DictConfig, path: Path) -> None:
+    """A run directory built from config values (the command name, a time stamp, a sweep job
+    number) lies under output_root; only an explicit hydra.run.dir / hydra.sweep.dir on the command
+    line may point elsewhere. A config from someone else cannot make bigml write outside the root."""
+    overrides = [str(o) for o in HydraConfig.get().overrides.hydra]
+    if any(o.split("=", 1)[0].lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") for o in overrides):
+        return
+    root = Path(str(cfg.get("output_root") or output_root())).expanduser()
+    if not is_inside(path, root):
+        raise UsageError(f"the run directory {path} is outside output_root={root} (a config value such as a run "
+                         f"name leads out of it); pass hydra.run.dir=... on the command line to choose a place yourself")
+
+
+def check_path_component(key: str, value) -> None:
+    """A config value used as one directory name inside the run (a logger's name or version)."""
+    text = str(value)
+    if text in ("..", ".") or "/" in text or "\\" in text or "\x00" in text:
+        raise UsageError(f"{key}={text}: must be a plain name, not a path (it names a directory inside the run)")
 
 
 def close_file_logs(path: Path) -> None:

@@ -9,7 +9,9 @@
                                     int8/int4 weights rebuilt from their integers
     build_model(config, task)       a randomly initialized model (transformers' own initialization)
 
-A `path` is a local directory or, where the network allows, a hub id.
+A `path` is a local directory or, where the network allows, a hub id. Python code shipped with a
+model (`auto_map` in config.json) never runs: trust_remote_code is never passed, so such a model
+is refused with one line. Directories bigml wrote carry SHA256SUMS, checked before use.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from bigml import hardware
 from bigml.callbacks.progress import LogLines
 from bigml.callbacks.throughput import ThroughputMeter
 from bigml.errors import ConfigError, UsageError
+from bigml.run_dir import check_path_component
 from bigml.training.checkpoints import AtomicCheckpointIO
 from bigml.training.distributed import ddp_strategy
 from bigml.training.nonfinite import NonFiniteGuard
@@ -54,6 +55,9 @@ def trainer_kwargs(cfg) -> tuple[dict, dict]:
 def build_logger(cfg):
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
+    for key in ("name", "version"):  # directories inside the run: never a way out of it
+        if cfg.logger.get(key) not in (None, ""):
+            check_path_component(f"logger.{key}", cfg.logger.get(key))
     try:
         return instantiate(cfg.logger)
     except Exception as e:  # the logger's package is missing, typically
