@@ -66,7 +66,7 @@ def _scan_jsonl(path: Path, encoding: str, keep) -> Iterator[BadRow]:
                 keep(line)
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))
             except ValueError as e:
                 detail = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
                 yield BadRow(n, f"not valid JSON ({detail})")

@@ -2,8 +2,10 @@
 
     stop      (default) raise TrainingDiverged: metrics.json "status": "diverged", exit code 1;
               checkpoints/ keeps the last good state
-    skip      drop the batch (no backward, no optimizer step) and count it: metrics.json
-              "nonfinite_skipped"; the run stops as diverged after trainer.max_skipped in a row
+    skip      drop the batch (no backward pass, so the optimizer step that follows changes nothing)
+              and count it: metrics.json "nonfinite_skipped". The step counter and the learning-rate
+              schedule still advance, so a run of max_steps trains max_steps - skipped batches.
+              The run stops as diverged after trainer.max_skipped in a row
     rollback  return to the newest good checkpoint with the learning rate scaled by
               trainer.rollback_lr_factor, at most trainer.max_rollbacks times ("rollbacks")
 
@@ -94,7 +96,7 @@ class NonFiniteGuard(pl.Callback):
                 raise TrainingDiverged(f"training diverged: {self._skipped_in_a_row} non-finite losses in a row at "
                                        f"step {step} (trainer.on_nonfinite=skip); lower optimizer.lr")
             log.warning("non-finite loss (%s) at step %d: batch skipped (%d so far)", value, step, self.skipped)
-            return None  # Lightning skips the backward pass and the optimizer step
+            return None  # Lightning skips the backward pass; the optimizer step finds no gradients
         if self.policy == "rollback":
             raise RollbackRequested(step, value)
         raise TrainingDiverged(
