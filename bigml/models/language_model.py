@@ -111,6 +111,8 @@ class LanguageModel(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bigml"] = {
             "tokens_seen": self.tokens_seen,
+            # train_loss in metrics.json is the mean of the last 20 steps, also right after a resume
+            "recent_losses": [float(x) for x in self._recent_losses],
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -122,6 +124,8 @@ class LanguageModel(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("bigml", {})
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self._recent_losses.clear()
+        self._recent_losses.extend(torch.tensor(x, dtype=torch.float32) for x in state.get("recent_losses", []))
         self._pending_rng = state.get("rng")
 
     def on_train_start(self) -> None:
