@@ -170,7 +170,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(cli, corpus, t
     _flip_bytes(ckpts / "last.ckpt")       # random bytes inside the tensor data: only the checksum sees it
     _truncate(ckpts / "step-000012.ckpt")  # cut short
     (run / "metrics.json").unlink()        # pretend the run was interrupted
-    r = cli("pretrain", *SHORT, f"data.path={corpus}", f"resume={run}", "trainer.max_steps=16", "checkpoint.every_n_steps=4")
+    r = cli("pretrain", *SHORT, f"data.path={corpus}", f"resume={run}", "trainer.max_steps=16", "checkpoint.every_n_steps=4",
+            "checkpoint.keep=3")
     assert r.code == 0, r.err
     assert "skipping checkpoint" in r.err and "last.ckpt (does not match its checksum" in r.err
     assert f"resuming from {ckpts / 'step-000008.ckpt'}" in r.err
