@@ -14,8 +14,9 @@ torch.load does not check the CRCs in its zip files and safetensors reads any by
     verify_file / verify_directory   raise CorruptFile naming the first damaged file; a file or
                          directory without checksums (older bigml, other tools) is not checked
 
-Fault injection (tests and scripts/faults.py): BIGML_FAULT="<action>:<path substring>[:<n>]"
-makes the n-th (default 1st) atomic write whose path contains the substring fail half-way:
+Fault injection (tests and scripts/faults.py): BIGML_FAULT="<action>:<name>[:<n>]" makes the n-th
+(default 1st) atomic write whose file name contains <name>, or whose directory is named <name>
+(`model`, `corpora`, `tokenizers`), fail half-way:
 `enospc` (no space left), `erofs` (read-only filesystem), `kill` (SIGKILL, as a crash would).
 """
 
@@ -58,7 +59,7 @@ def _inject_fault(path: Path) -> None:
         return
     action, _, rest = spec.partition(":")
     needle, _, nth = rest.partition(":")
-    if needle not in str(path):
+    if needle not in path.name and needle != path.parent.name:  # a file's name, or its directory's
         return
     _fault_counts[spec] = _fault_counts.get(spec, 0) + 1
     if _fault_counts[spec] != int(nth or 1):
