@@ -34,10 +34,15 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def causal_lm(name: str, vocab: int, batch: int, block: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def causal_lm(name: str, vocab: int, batch: int, block: int, config: str | None = None):
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, **SHAPES[name], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    if config:  # exactly the model a bigml run trained (its model/config.json)
+        cfg = AutoConfig.from_pretrained(config)
+        vocab = cfg.vocab_size
+    else:
+        cfg = GPT2Config(vocab_size=vocab, **SHAPES[name], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(0)
 
     def batches():
@@ -83,11 +88,12 @@ def main() -> None:
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--config", default=None, help="a model directory whose config.json to train (causal LMs)")
     a = p.parse_args()
     if a.model == "minilm":
         model, data = minilm(a.batch or 16, a.block)
     else:
-        model, data = causal_lm(a.model, a.vocab, a.batch or 32, a.block)
+        model, data = causal_lm(a.model, a.vocab, a.batch or 32, a.block, a.config)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, fused=True)
     times, tokens = [], 0
