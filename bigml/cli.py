@@ -20,7 +20,7 @@ import traceback
 
 from bigml import __version__
 from bigml.commands import COMMANDS
-from bigml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BigmlError, UsageError, did_you_mean
+from bigml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BigmlError, Preempted, UsageError, did_you_mean
 
 USAGE = f"""bigml {__version__}: the lifecycle of a transformer model, driven by YAML configs.
 
@@ -295,7 +295,7 @@ def run_command(command: str, args: list[str]) -> None:
             return float("nan")
         try:
             metrics = run_job(command, module, cfg)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Preempted):  # a preempted sweep stops (exit 143), it does not go on
             raise
         except BaseException as e:  # noqa: BLE001
             code, line = explain(e)
