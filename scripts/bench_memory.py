@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, machine, parser, table  # noqa: E402
+from benchlib import REPO, parser, table  # noqa: E402
 
 EXE = shutil.which("bigml", path=str(Path(sys.executable).parent)) or "bigml"
 
@@ -61,7 +61,8 @@ def main() -> None:
         }
         for name, (bigml_args, loop_args, rate_key) in cases.items():
             n = steps[name]
-            common = [*bigml_args, f"trainer.max_steps={n}", "trainer.max_epochs=null", "trainer.val_check_interval=100000",
+            common = [*bigml_args, f"trainer.max_steps={n}", "trainer.max_epochs=null", f"trainer.val_check_interval={n}",
+                      "trainer.check_val_every_n_epoch=null",
                       "trainer.limit_val_batches=2", "logger=none", "checkpoint.every_n_steps=100000",
                       "trainer.precision=32-true", "trainer.num_sanity_val_steps=0"]
             if bigml_args[0] == "finetune":
@@ -105,8 +106,6 @@ its heap, which fragments and, never trimmed, keeps every page it ever held, gro
 step. glibc's default maps those blocks and unmaps them when freed, so the peak stays the live peak.
 
 Commands: {"; ".join(commands)}{" (quick: fewer steps)" if a.quick else ""}.
-
-_Machine: {machine()}_
 """
     a.out.write_text(text)
 
