@@ -62,11 +62,10 @@ def main() -> None:
         for name, (bigml_args, loop_args, rate_key) in cases.items():
             n = steps[name]
             common = [*bigml_args, f"trainer.max_steps={n}", "trainer.max_epochs=null", f"trainer.val_check_interval={n}",
-                      "trainer.check_val_every_n_epoch=null",
                       "trainer.limit_val_batches=2", "logger=none", "checkpoint.every_n_steps=100000",
                       "trainer.precision=32-true", "trainer.num_sanity_val_steps=0"]
             if bigml_args[0] == "finetune":
-                common += ["finetune.predictions=false", "eval.max_batches=2", "data.val_fraction=0.05", "data.test_fraction=0.05"]
+                common += ["trainer.check_val_every_n_epoch=null", "finetune.predictions=false", "eval.max_batches=2", "data.val_fraction=0.05", "data.test_fraction=0.05"]
             # warm the caches (tokenizer, packed corpus), then measure training only
             subprocess.run([EXE, *common, "dry_run=true", f"hydra.run.dir={tmp / (name + '-dry')}"], env=base_env,
                            capture_output=True, check=True)
