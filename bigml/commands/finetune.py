@@ -183,7 +183,8 @@ def best_model(module: TaskModel, ckpts, metric: str, lora: bool):
     """The best validation checkpoint's weights, LoRA merged: (plain model, peft model or None)."""
     best = ckpts[1].best_model_path
     if best:
-        state = load_checkpoint(best)["state_dict"]
+        # mmap: only the weights are read, not the optimizer state the checkpoint also holds
+        state = load_checkpoint(best, mmap=True)["state_dict"]
         module.load_state_dict(state)
         log.info("best checkpoint: %s (val_%s %.4g)", best, metric, float(ckpts[1].best_model_score))
     module.eval()
