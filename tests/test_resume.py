@@ -65,7 +65,10 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=False)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # no temp files left behind
+    from bigml.atomic import verify_file
+
+    assert verify_file(target)  # the checksum file still vouches for the intact previous version
 
 
 def test_a_truncated_checkpoint_is_skipped(tmp_path):

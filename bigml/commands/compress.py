@@ -293,7 +293,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         setattr(new.config, storage.HISTORY_KEY, history)
         meta = {"command": "compress", "methods": methods, "stage": i, "source": path, "run_dir": str(run_dir.path)}
         if last:
-            with atomic_directory(run_dir.model_dir) as tmp:
+            with atomic_directory(run_dir.model_dir, manifest=True) as tmp:
                 storage.save_model(new, tokenizer, tmp, meta, state_dict=state_dict)
             where = run_dir.model_dir
         else:

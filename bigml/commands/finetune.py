@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
@@ -40,7 +39,8 @@ from bigml.models.presets import apply_training_defaults
 from bigml.models.task_model import TaskModel
 from bigml.run_dir import RunDir
 from bigml.tasks import Task, get_task, task_names
-from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
+from bigml.training.checkpoints import checkpoint_callbacks, load_checkpoint, resume_checkpoint
+from bigml.training.nonfinite import fit_with_rollback, guard_of
 from bigml.training.trainer import build_trainer, trainer_kwargs
 
 log = logging.getLogger("bigml")
@@ -182,7 +182,8 @@ def setup_module(cfg, task: Task, data: FinetuneData) -> TaskModel:
                      options=task.module_options(cfg))
 
 
-def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: FinetuneData, metric: str, mode: str):
+def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: FinetuneData, metric: str, mode: str,
+                  guard=None):
     train_loader = task.train_loader(data.encoded["train"], data.tokenizer, cfg)
     val_loader = task.eval_loader(data.encoded["val"], data.tokenizer, int(cfg.eval.batch_size))
     ckpts = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.get("every_n_steps", 1000)),
@@ -190,7 +191,8 @@ def setup_trainer(cfg, run_dir: RunDir, task: Task, module: TaskModel, data: Fin
     stop = EarlyStopping(monitor=f"val_{metric}", mode=mode, patience=int(cfg.finetune.early_stopping.patience))
     _validate_before_max_steps(cfg, len(train_loader))
     module.total_steps = stepping_batches(cfg, len(train_loader))
-    trainer, _ = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model)
+    trainer, _ = build_trainer(cfg, run_dir.path, callbacks=[*ckpts, stop], flops_per_token=None, model=module.model,
+                               guard=guard)
     return trainer, ckpts, train_loader, val_loader
 
 
@@ -198,7 +200,8 @@ def best_model(module: TaskModel, ckpts, metric: str, lora: bool):
     """The best validation checkpoint's weights, LoRA merged: (plain model, peft model or None)."""
     best = ckpts[1].best_model_path
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        # mmap: only the weights are read, not the optimizer state the checkpoint also holds
+        state = load_checkpoint(best, mmap=True)["state_dict"]
         module.load_state_dict(state)
         log.info("best checkpoint: %s (val_%s %.4g)", best, metric, float(ckpts[1].best_model_score))
     module.eval()
@@ -223,7 +226,7 @@ def score(cfg, task: Task, model, data: FinetuneData, module: TaskModel, run_dir
 
 def export(cfg, task: Task, run_dir: RunDir, model, adapter_model, data: FinetuneData) -> None:
     if adapter_model is not None:
-        with atomic_directory(run_dir.path / "adapter") as tmp:
+        with atomic_directory(run_dir.path / "adapter", manifest=True) as tmp:
             adapter_model.save_pretrained(str(tmp))
             data.tokenizer.save_pretrained(str(tmp))
     run_dir.export_model(model, data.tokenizer, metadata={
@@ -270,9 +273,15 @@ def run(cfg: DictConfig, run_dir: RunDir | None = None, raw=None) -> dict[str, A
         log.info("resuming from %s", ckpt_path)
     module.model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps submodule modes
     t0 = time.perf_counter()
-    # weights_only=False for bigml's own checkpoints (they carry RNG states: numpy arrays)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=False if ckpt_path else None)
+
+    def rebuild():  # after a rollback (trainer.on_nonfinite=rollback): a fresh trainer, the same guard
+        nonlocal ckpts
+        fresh, ckpts, _, _ = setup_trainer(cfg, run_dir, task, module, data, metric, mode, guard=guard_of(trainer))
+        return fresh
+
+    trainer = fit_with_rollback(
+        trainer, lambda t, ckpt: t.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt),
+        str(ckpt_path) if ckpt_path else None, rebuild)
     train_time = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -283,11 +292,13 @@ def run(cfg: DictConfig, run_dir: RunDir | None = None, raw=None) -> dict[str, A
                                "params": n_params, "trainable_params": n_train,
                                "trainable_share": round(n_train / n_params, 6),
                                "labels": data.names, "train_examples": len(data.encoded["train"]),
+                               "bad_rows_skipped": int(getattr(data.raw, "bad_rows_skipped", 0)),
                                "train_loss": module.recent_train_loss(), "step": trainer.global_step,
                                "epochs": trainer.current_epoch, "train_time_s": round(train_time, 2),
                                "samples_per_sec": round(module.samples_seen / max(train_time, 1e-9), 2),
                                "trained_tokens_per_sec": round(module.tokens_trained / max(train_time, 1e-9), 2),
-                               "early_stopping_metric": f"val_{metric}", "precision": str(trainer.precision)}
+                               "early_stopping_metric": f"val_{metric}", "precision": str(trainer.precision),
+                               **guard_of(trainer).summary()}
     metrics.update(score(cfg, task, model, data, module, run_dir, trainer.is_global_zero))
     # CI gates on the held-out scores (eval.fail_below.<metric>: test_<metric>, else val_<metric>)
     status, failed = gate_status(metrics, cfg.eval, prefix="test_" if "test" in data.encoded else "val_")

@@ -27,6 +27,7 @@ from bigml.models.presets import apply_training_defaults
 from bigml.run_dir import RunDir
 from bigml.tasks import get_task, language_model_task
 from bigml.training.checkpoints import checkpoint_callbacks, resume_checkpoint
+from bigml.training.nonfinite import fit_with_rollback, guard_of
 from bigml.training.trainer import build_trainer, full_state_dict, overfit_batches, replicas_identical, trainer_kwargs
 
 log = logging.getLogger("bigml")
@@ -126,9 +127,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     block = int(cfg.data.block_size)
     datamodule = PackedCorpusDataModule(info, block, int(cfg.data.batch_size), int(cfg.seed), int(cfg.data.num_workers),
                                         overfit_batches=overfit_batches(cfg))
-    ckpt_cbs = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep))
-    trainer, meter = build_trainer(cfg, run_dir.path, callbacks=ckpt_cbs,
-                                   flops_per_token=hardware.flops_per_token(module.model.config, block), model=module.model)
+
+    def new_trainer(guard=None):
+        ckpt_cbs = checkpoint_callbacks(run_dir.checkpoints, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep))
+        return build_trainer(cfg, run_dir.path, callbacks=ckpt_cbs, guard=guard,
+                             flops_per_token=hardware.flops_per_token(module.model.config, block), model=module.model)
+
+    trainer, meter = new_trainer()
     log.info("model: %s (%s parameters, %s objective) | precision %s | %s x %s tokens per step",
              architectures.describe(module.model.config), f"{n_params:,}", task.objective, trainer.precision,
              cfg.data.batch_size, block)
@@ -149,9 +154,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         log.info("resuming from %s", ckpt_path)
     t0 = time.perf_counter()
-    # weights_only=False: bigml checkpoints carry RNG states (numpy arrays); they are our own files
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                weights_only=False if ckpt_path else None)
+
+    def rebuild():  # after a rollback (trainer.on_nonfinite=rollback): a fresh trainer, the same guard
+        nonlocal meter
+        fresh, meter = new_trainer(guard_of(trainer))
+        return fresh
+
+    trainer = fit_with_rollback(trainer, lambda t, ckpt: t.fit(module, datamodule=datamodule, ckpt_path=ckpt),
+                                str(ckpt_path) if ckpt_path else None, rebuild)
     train_time = time.perf_counter() - t0
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -159,7 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     else:
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    trainer.save_checkpoint(str(run_dir.checkpoints / "last.ckpt"))
+    trainer.save_checkpoint(str(run_dir.checkpoints / "last.ckpt"), weights_only=False)
     identical = replicas_identical(trainer, module.model)
     gathered = full_state_dict(trainer)  # FSDP: every rank takes part in gathering the shards
 
@@ -178,6 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "devices": trainer.world_size,
         "model_dir": str(run_dir.model_dir),
+        "bad_rows_skipped": info.bad_rows_skipped,
     }
     if task.accuracy_reported():
         metrics["val_accuracy"] = final.get("val_accuracy")
@@ -185,6 +196,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if identical is not None:
         metrics["replicas_identical"] = identical
     metrics.update({k: v for k, v in meter.summary().items()})
+    metrics.update(guard_of(trainer).summary())
     if trainer.is_global_zero:
         weights = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered is not None else None
         run_dir.export_model(module.model, tokenizer, state_dict=weights, metadata={

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from bigml import run_dir as run_dir_module
 from bigml.config_check import check_types
-from bigml.errors import UsageError
+from bigml.errors import StorageError, UsageError
 from bigml.help import check_choices
 from bigml.run_dir import (
     RunDir,
@@ -25,6 +25,7 @@ from bigml.run_dir import (
     quiet_libraries,
     setup_console_logging,
 )
+from bigml.training.distributed import PeerLost
 
 log = logging.getLogger("bigml")
 
@@ -37,6 +38,7 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
     out = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir_module.JOB_STARTED = time.time() if multirun else None
+    job_started = time.time()
     try:
         check_types(cfg, hydra_cfg.job.config_name)  # before the slow imports: bad values fail in a blink
         check_choices(command, dict(hydra_cfg.runtime.choices), cfg)
@@ -49,19 +51,32 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
             import importlib
 
             fn = importlib.import_module(fn).run
-        return fn(cfg)
+        from bigml.training.preemption import preemption_signals
+
+        with preemption_signals():  # SIGTERM / SIGUSR1: checkpoint at the next step, exit 143
+            return fn(cfg)
     except UsageError as e:
         if multirun and is_global_zero_process():  # a sweep's summary must say why this job failed
             RunDir(out).write_metrics({"command": command, "error": str(e)}, status="failed")
         else:
             discard_if_empty(out)
         raise
-    except BaseException as e:
-        # The run keeps what it wrote (checkpoints: resume=...), and says that it failed.
+    except BaseException as raised:
+        # disk full, read-only, a dead DDP peer: one line, not a traceback
+        e = StorageError.from_os_error(raised) or PeerLost.from_error(raised) or raised
+        # The run keeps what it wrote (checkpoints: resume=...), and says how it ended: "failed",
+        # or the error's own status ("diverged", "preempted"). A metrics.json this job wrote itself
+        # (a failed gate) stays; one left by an earlier attempt of a resumed run is replaced.
         metrics = out / "metrics.json"
-        if is_global_zero_process() and (out / ".hydra").is_dir() and not metrics.exists():
+        written_by_this_job = metrics.exists() and metrics.stat().st_mtime >= job_started
+        if is_global_zero_process() and (out / ".hydra").is_dir() and not written_by_this_job:
             err = "".join(traceback.format_exception_only(type(e), e)).strip()
-            RunDir(out).write_metrics({"command": command, "error": err}, status="failed")
+            try:
+                RunDir(out).write_metrics({"command": command, "error": err}, status=getattr(e, "status", "failed"))
+            except OSError as write_error:  # the disk that failed the run (full, read-only) fails this too
+                log.error("could not record the failure in %s (%s)", metrics, write_error.strerror or write_error)
+        if e is not raised:
+            raise e from None
         raise
     finally:
         close_file_logs(out)

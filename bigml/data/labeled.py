@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from bigml.data import sources
+from bigml.data import bad_rows, sources
 from bigml.errors import ConfigError, DataError
 
 log = logging.getLogger("bigml")
@@ -39,6 +39,7 @@ class RawSplits:
     test: datasets.Dataset | None
     label_names: list[str] = field(default_factory=list)
     all: datasets.Dataset | None = None  # every row of data.path (eval.split=all)
+    bad_rows_skipped: int = 0  # malformed rows left out (data.on_bad_rows=skip)
 
     def get(self, split: str) -> datasets.Dataset:
         ds = getattr(self, split)
@@ -57,48 +58,57 @@ def builtin_labeled_file(name: str) -> Path:
     raise ConfigError("data.path", f"data={name} needs a path", "set data.path=<file or folder-per-class directory>")
 
 
-def _folder_per_class(root: Path, encoding: str) -> datasets.Dataset | None:
+def _folder_per_class(root: Path, encoding: str, policy: str = "error") -> datasets.Dataset | None:
     """root/<label>/*.txt -> rows (text, label); None when root is not laid out that way."""
+    n_skipped = 0
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not subdirs or any(f.is_file() and f.suffix.lower() in sources.SUPPORTED for f in root.iterdir()):
         return None
     texts, labels = [], []
     for d in subdirs:
         files = sorted(f for f in d.rglob("*.txt") if f.is_file())
-        sources.check_readable_text(files, encoding)
-        for f in files:
-            texts.append(f.read_text(encoding=encoding))
-            labels.append(d.name)
+        sources.check_not_binary(files)
+        with bad_rows.checked_files(files, "text", encoding, policy) as (readable, skipped):
+            for f in readable:
+                texts.append(f.read_text(encoding=encoding))
+                labels.append(d.name)
+        n_skipped += skipped
     if not texts:
         raise DataError(f"data.path={root}: the class folders hold no .txt files")
-    return datasets.Dataset.from_dict({"text": texts, "label": labels})
+    ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    ds.bad_rows_skipped = n_skipped
+    return ds
 
 
 def _read_table(path: str, data_cfg, key: str) -> datasets.Dataset:
     encoding = str(data_cfg.get("encoding") or "utf-8")
     p = Path(path).expanduser()
+    policy = bad_rows.policy_of(data_cfg)
     if p.is_dir():
-        ds = _folder_per_class(p, encoding)
+        ds = _folder_per_class(p, encoding, policy)
         if ds is not None:
             return ds
     try:
         files = sources.resolve_files(str(path))
     except DataError as e:
         raise DataError(str(e).replace("data.path", key, 1)) from None
-    sources.check_readable_text(files, encoding)
+    sources.check_not_binary(files)
     builder = sources.SUPPORTED[files[0].suffix.lower()]
     if builder == "text":
         raise DataError(f"{key}={path}: .txt files carry no labels; use CSV/TSV/JSONL/parquet with a "
                         f"{data_cfg.get('label_column')} column, or a folder per class (root/<label>/*.txt)")
-    kwargs: dict = {"data_files": [str(f) for f in files], "split": "train"}
-    if builder == "csv":
-        kwargs["encoding"] = encoding
-        if files[0].suffix.lower() == ".tsv":
-            kwargs["sep"] = "\t"
-    try:
-        return datasets.load_dataset(builder, **kwargs)
-    except Exception as e:
-        raise DataError(f"{key}={path}: could not read it as {builder} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    with bad_rows.checked_files(files, builder, encoding, policy) as (readable, skipped):
+        kwargs: dict = {"data_files": [str(f) for f in readable], "split": "train"}
+        if builder == "csv":
+            kwargs["encoding"] = encoding
+            if files[0].suffix.lower() == ".tsv":
+                kwargs["sep"] = "\t"
+        try:
+            ds = datasets.load_dataset(builder, **kwargs)
+        except Exception as e:
+            raise DataError(f"{key}={path}: could not read it as {builder} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    ds.bad_rows_skipped = skipped  # counted in RawSplits.bad_rows_skipped (metrics.json)
+    return ds
 
 
 def _columns(ds: datasets.Dataset, data_cfg, where: str, folder: bool) -> datasets.Dataset:
@@ -178,8 +188,12 @@ def read_table_splits(data_cfg, seed: int, prepare, *, need_train: bool = True, 
             path = str((builtin or builtin_labeled_file)(str(data_cfg.get("name"))))
             from_builtin = True
 
+    skipped = [0]
+
     def load(p: str, key: str) -> datasets.Dataset:
-        return prepare(_read_table(p, data_cfg, key), f"{key}={p}", p)
+        table = _read_table(p, data_cfg, key)
+        skipped[0] += int(getattr(table, "bad_rows_skipped", 0))
+        return prepare(table, f"{key}={p}", p)
 
     main = None
     if path:
@@ -205,7 +219,7 @@ def read_table_splits(data_cfg, seed: int, prepare, *, need_train: bool = True, 
             train, val = _carve(train, float(data_cfg.val_fraction), seed + 1, stratify)
     if need_train and (train is None or len(train) == 0):
         raise DataError("data: no training rows; set data.path")
-    raw = RawSplits(train=train, val=val, test=test, all=main)
+    raw = RawSplits(train=train, val=val, test=test, all=main, bad_rows_skipped=skipped[0])
     if from_builtin:
         raw.all = None  # a built-in dataset is never scored whole: its test split is the held-out part
     return raw
@@ -219,7 +233,7 @@ def read_labeled(data_cfg, task, seed: int, need_train: bool = True) -> RawSplit
 
     def prepare(ds: datasets.Dataset, where: str, path: str | None) -> datasets.Dataset:
         folder = path is not None and Path(path).expanduser().is_dir() and \
-            _folder_per_class(Path(path).expanduser(), encoding) is not None
+            _folder_per_class(Path(path).expanduser(), encoding, bad_rows.policy_of(data_cfg)) is not None
         return _normalize(_columns(ds, data_cfg, where, folder), task, sep, where)
 
     raw = read_table_splits(data_cfg, seed, prepare, need_train=need_train, stratify=task.stratify)

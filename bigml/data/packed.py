@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bigml.atomic import atomic_directory
+from bigml.data.cache import build_lock, open_cached
 from bigml.errors import DataError
 from bigml.progress import Progress
 
@@ -46,10 +47,18 @@ class PackedCorpusInfo:
     n_documents: int
     n_bytes: int  # UTF-8 bytes of text, for bits-per-byte
 
+    bad_rows_skipped: int = 0  # malformed rows dropped when the corpus was read (data.on_bad_rows=skip)
+
     @classmethod
     def read(cls, directory: Path) -> PackedCorpusInfo:
+        """The corpus in `directory`, checked for a consistent size (a damaged entry raises)."""
         meta = json.loads((directory / "meta.json").read_text())
-        return cls(path=directory / "tokens.bin", **{k: meta[k] for k in ("dtype", "n_tokens", "n_train", "n_documents", "n_bytes")})
+        info = cls(path=directory / "tokens.bin", bad_rows_skipped=int(meta.get("bad_rows_skipped", 0)),
+                   **{k: meta[k] for k in ("dtype", "n_tokens", "n_train", "n_documents", "n_bytes")})
+        expected = info.n_tokens * np.dtype(info.dtype).itemsize
+        if info.path.stat().st_size != expected:
+            raise ValueError(f"tokens.bin holds {info.path.stat().st_size} bytes, meta.json says {expected}")
+        return info
 
     def memmap(self) -> np.memmap:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
@@ -70,11 +79,18 @@ def pack_corpus(data_cfg, tokenizer, task, documents_factory, corpus_key: str,
         dict(corpus=corpus_key, tok=tok_id, objective=task.objective, seed=seed, val=val_fraction, v=_FORMAT_VERSION),
         sort_keys=True).encode()).hexdigest()[:16]
     where = Path(cache_dir).expanduser() / "corpora" / key
-    if (where / "meta.json").exists():
-        return PackedCorpusInfo.read(where), True
+    with build_lock(where):  # a second run that needs the same corpus waits, then reads it
+        info = open_cached(where, PackedCorpusInfo.read, "tokenized corpus")
+        if info is not None:
+            return info, True
+        return _pack(data_cfg, tokenizer, task, documents_factory, where, seed, val_fraction), False
 
+
+def _pack(data_cfg, tokenizer, task, documents_factory, where: Path, seed: int, val_fraction: float) -> PackedCorpusInfo:
     t0 = time.perf_counter()
-    docs = documents_factory().shuffle(seed=seed)
+    docs = documents_factory()
+    skipped = int(getattr(docs, "bad_rows_skipped", 0))  # data.on_bad_rows=skip (bigml.data.bad_rows)
+    docs = docs.shuffle(seed=seed)
     sep = task.document_separator(tokenizer)
     num_proc = default_num_proc(data_cfg.get("num_proc"))
     if num_proc > 1:
@@ -103,7 +119,7 @@ def pack_corpus(data_cfg, tokenizer, task, documents_factory, corpus_key: str,
             f"data: the corpus has {n_tokens} tokens, too few for data.block_size={block} "
             f"with a validation split; give more text or lower data.block_size"
         )
-    with atomic_directory(where) as tmp:
+    with atomic_directory(where, manifest=True, replace=False) as tmp:  # meta.json and SHA256SUMS inside
         out = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="w+", shape=(n_tokens,))
         pos = 0
         with Progress("packing tokens", total=n_tokens, unit="tokens") as packing:
@@ -115,10 +131,11 @@ def pack_corpus(data_cfg, tokenizer, task, documents_factory, corpus_key: str,
         out.flush()
         del out
         meta = dict(dtype=dtype, n_tokens=n_tokens, n_train=n_tokens - n_val, n_documents=len(lengths),
-                    n_bytes=n_bytes, vocab=len(tokenizer), seconds=round(time.perf_counter() - t0, 2))
+                    n_bytes=n_bytes, vocab=len(tokenizer), seconds=round(time.perf_counter() - t0, 2),
+                    bad_rows_skipped=skipped)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("packed %d documents into %d tokens in %.1fs", len(lengths), n_tokens, time.perf_counter() - t0)
-    return PackedCorpusInfo.read(where), False
+    return PackedCorpusInfo.read(where)
 
 
 class PackedBlocks(Dataset):

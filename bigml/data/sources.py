@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 
+from bigml.data import bad_rows
 from bigml.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,9 @@ def resolve_files(path: str) -> list[Path]:
     return files
 
 
-def check_readable_text(files: list[Path], encoding: str) -> None:
-    """Fail early, naming the file, on binary or wrongly-encoded input (datasets' own error is a traceback)."""
+def check_not_binary(files: list[Path]) -> None:
+    """Fail early, naming the file, on binary input (datasets' own error is a traceback). Text that
+    does not decode, and malformed rows, are bigml.data.bad_rows' business (data.on_bad_rows)."""
     for f in files:
         if f.suffix.lower() == ".parquet":
             continue
@@ -86,14 +88,6 @@ def check_readable_text(files: list[Path], encoding: str) -> None:
             head = fh.read(1 << 16)
         if b"\x00" in head:
             raise DataError(f"{f}: looks like a binary file (NUL bytes); bigml reads text files only")
-        try:
-            with open(f, encoding=encoding) as fh:
-                while fh.read(1 << 20):
-                    pass
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{f}: not valid {encoding} (byte {e.start}); set data.encoding (e.g. data.encoding=latin-1)"
-            ) from None
 
 
 def corpus_files(data_cfg) -> list[Path] | None:
@@ -117,6 +111,8 @@ def fingerprint(data_cfg, files: list[Path] | None) -> str:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(json.dumps([data_cfg.get("text_column"), data_cfg.get("max_documents"), data_cfg.get("encoding")]).encode())
+    if data_cfg.get("on_bad_rows") == "skip":  # a corpus read with rows left out is another corpus
+        h.update(b"on_bad_rows=skip")
     return h.hexdigest()[:16]
 
 
@@ -133,19 +129,22 @@ def load_documents(data_cfg, files: list[Path] | None) -> datasets.Dataset:
         except Exception as e:  # network down, unknown name, ...: one line, not a 40-frame traceback
             raise DataError(f"data.hf_name={data_cfg.hf_name}: could not load ({type(e).__name__}: {e})") from None
     else:
-        check_readable_text(files, encoding)
+        check_not_binary(files)
         builder = SUPPORTED[files[0].suffix.lower()]
-        kwargs: dict = {"data_files": [str(f) for f in files], "split": "train"}
-        if builder == "text":
-            kwargs.update(sample_by="document", encoding=encoding)
-        elif builder == "csv":
-            kwargs.update(encoding=encoding)
-            if files[0].suffix.lower() == ".tsv":
-                kwargs.update(sep="\t")
-        try:
-            ds = datasets.load_dataset(builder, **kwargs)
-        except Exception as e:
-            raise DataError(f"data.path: could not read {files[0].parent} as {builder} ({type(e).__name__}: {e})") from None
+        with bad_rows.checked_files(files, builder, encoding, bad_rows.policy_of(data_cfg)) as (readable, skipped):
+            if not readable:
+                raise DataError("data.path: every file was skipped as unreadable (data.on_bad_rows=skip); check data.encoding")
+            kwargs: dict = {"data_files": [str(f) for f in readable], "split": "train"}
+            if builder == "text":
+                kwargs.update(sample_by="document", encoding=encoding)
+            elif builder == "csv":
+                kwargs.update(encoding=encoding)
+                if files[0].suffix.lower() == ".tsv":
+                    kwargs.update(sep="\t")
+            try:
+                ds = datasets.load_dataset(builder, **kwargs)
+            except Exception as e:
+                raise DataError(f"data.path: could not read {files[0].parent} as {builder} ({type(e).__name__}: {e})") from None
     if text_column not in ds.column_names:
         raise DataError(
             f"data.text_column={text_column}: no such column; the data has {', '.join(ds.column_names)}"
@@ -159,4 +158,5 @@ def load_documents(data_cfg, files: list[Path] | None) -> datasets.Dataset:
     if len(ds) == 0:
         where = data_cfg.get("path") or data_cfg.get("hf_name") or data_cfg.get("name")
         raise DataError(f"data: {where} holds no non-empty text; point data.path at a text corpus")
+    ds.bad_rows_skipped = skipped if files is not None else 0  # read by pack_corpus, for metrics.json
     return ds

@@ -21,8 +21,9 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from bigml.atomic import atomic_directory
-from bigml.errors import ConfigError, DataError
+from bigml.atomic import atomic_directory, check_intact
+from bigml.data.cache import build_lock, open_cached
+from bigml.errors import BigmlError, ConfigError, DataError
 from bigml.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,13 @@ def load_tokenizer(path: str, key: str = "tokenizer.path") -> PreTrainedTokenize
     p = Path(path).expanduser()
     if p.exists() and not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
         raise DataError(f"{key}={path}: the directory holds no tokenizer files (tokenizer.json / vocab.txt)")
+    if p.is_dir():
+        check_intact(p, key)
     try:
         return AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
-    except Exception as e:
+    except BaseException as e:  # the Rust library reports a malformed tokenizer.json with a PanicException
+        if isinstance(e, (KeyboardInterrupt, SystemExit, BigmlError)):
+            raise
         raise DataError(f"{key}={path}: could not load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
@@ -124,17 +129,24 @@ def train_or_load(tok_cfg, task, corpus_key: str, texts: Callable[[], Iterable[s
                     min_frequency=min_frequency, max_bytes=max_bytes, corpus=corpus_key, v=_FORMAT_VERSION)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     where = Path(cache_dir).expanduser() / "tokenizers" / key
-    if (where / "tokenizer.json").exists():
-        tok = AutoTokenizer.from_pretrained(str(where))
-        tok.model_max_length = model_max_length
-        return tok, True
+    with build_lock(where):  # two runs training the same tokenizer: one trains, the other waits
+        tok = open_cached(where, lambda d: AutoTokenizer.from_pretrained(str(d)), "tokenizer")
+        if tok is not None:
+            tok.model_max_length = model_max_length
+            return tok, True
+        return _train(kind, task, vocab_size, min_frequency, lowercase, texts, max_bytes, settings, where,
+                      model_max_length), False
+
+
+def _train(kind, task, vocab_size, min_frequency, lowercase, texts, max_bytes, settings, where: Path,
+           model_max_length: int) -> PreTrainedTokenizerFast:
     log.info("training a %s tokenizer (vocab %d) on the corpus", kind, vocab_size)
     raw = _build(kind, task, vocab_size, min_frequency, lowercase, texts, max_bytes)
     if raw.get_vocab_size() < 8:
         raise DataError("the corpus is too small to train a tokenizer; give more text or set tokenizer.path")
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=model_max_length,
                                   model_input_names=list(task.model_input_names), **task.special_tokens)
-    with atomic_directory(where) as tmp:
+    with atomic_directory(where, manifest=True, replace=False) as tmp:
         tok.save_pretrained(str(tmp))
         (tmp / "bigml_tokenizer.json").write_text(json.dumps(settings, indent=2))
-    return tok, False
+    return tok

@@ -16,10 +16,10 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import CONFIG_MAPPING
 
-from bigml.errors import TrainingDiverged
 from bigml.models.loading import build_model, load_model
 from bigml.tasks import get_task
 from bigml.training.exact_resume import ExactResume
+from bigml.training.nonfinite import checked_loss
 from bigml.training.optim import build_optimizer, build_scheduler
 
 
@@ -66,11 +66,9 @@ class LanguageModel(ExactResume, pl.LightningModule):
         step_seed = self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank
         inputs, labels = self._inputs_and_labels(batch, step_seed)
         loss = self.task.training_loss(self.model, inputs, labels)
+        if checked_loss(self, loss, batch_idx) is None:  # trainer.on_nonfinite=skip: drop this batch
+            return None
         self.tokens_seen += batch.numel() * self.trainer.world_size
-        if batch_idx % 10 == 0 and not torch.isfinite(loss):  # checked every 10 steps: it syncs the device
-            raise TrainingDiverged(
-                f"training diverged at step {self.global_step} (loss {loss.item()}); lower optimizer.lr, "
-                f"raise scheduler.warmup_steps or use trainer.precision=32-true; checkpoints/ holds the last good state")
         self._recent_losses.append(loss.detach())
         # the mean over processes under DDP, so curves compare with single-device runs
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1)
@@ -119,7 +117,12 @@ class LanguageModel(ExactResume, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["bigml"]["tokens_seen"] = self.tokens_seen
+        # train_loss in metrics.json is the mean of the last 20 steps, also right after a resume
+        checkpoint["bigml"]["recent_losses"] = [float(x) for x in self._recent_losses]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.tokens_seen = int(checkpoint.get("bigml", {}).get("tokens_seen", 0))
+        state = checkpoint.get("bigml", {})
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self._recent_losses.clear()
+        self._recent_losses.extend(torch.tensor(x, dtype=torch.float32) for x in state.get("recent_losses", []))

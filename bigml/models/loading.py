@@ -10,7 +10,9 @@
                                     quantized format rebuilt from their integers
     build_model(config, task)       a randomly initialized model (transformers' own initialization)
 
-A `path` is a local directory or, where the network allows, a hub id.
+A `path` is a local directory or, where the network allows, a hub id. Python code shipped with a
+model (`auto_map` in config.json) never runs: trust_remote_code is never passed, so such a model
+is refused with one line. Directories bigml wrote carry SHA256SUMS, checked before use.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from bigml.atomic import check_intact
 from bigml.errors import DataError
 from bigml.models import classic  # noqa: F401 - registers bigml's own architectures with the Auto classes
 from bigml.tasks import Task, get_task, infer_task
@@ -34,6 +37,8 @@ def read_config(path: str, key: str = "model.path") -> PretrainedConfig:
                         f"(a bigml run's model/ folder)")
     if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise DataError(f"{key}={path}: no such directory")
+    if p.is_dir():
+        check_intact(p, key)
     try:
         return AutoConfig.from_pretrained(str(p) if p.exists() else path)
     except Exception as e:

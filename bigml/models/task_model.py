@@ -14,10 +14,11 @@ import pytorch_lightning as pl
 import torch
 from transformers import CONFIG_MAPPING
 
-from bigml.errors import ConfigError, TrainingDiverged
+from bigml.errors import ConfigError
 from bigml.models.loading import build_model, load_model
 from bigml.tasks import get_task
 from bigml.training.exact_resume import ExactResume
+from bigml.training.nonfinite import checked_loss
 from bigml.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("bigml")
@@ -106,8 +107,8 @@ class TaskModel(ExactResume, pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.task.finetune_loss(self, batch)
-        if batch_idx % 10 == 0 and not torch.isfinite(loss):
-            raise TrainingDiverged(f"training diverged at step {self.global_step} (loss {loss.item()}); lower optimizer.lr")
+        if checked_loss(self, loss, batch_idx) is None:  # trainer.on_nonfinite=skip: drop this batch
+            return None
         self._recent.append(loss.detach())
         self.samples_seen += self.task.batch_examples(batch)
         self.tokens_trained += self.task.batch_trained_tokens(batch)

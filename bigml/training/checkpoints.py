@@ -4,8 +4,14 @@
     checkpoints/last.ckpt          the newest state, rewritten with each save and at the end
     checkpoints/best.ckpt          lowest validation loss so far
 
-Every file is written atomically (bigml.atomic.AtomicCheckpointIO), so after a SIGKILL the newest
-complete checkpoint is intact and `resume=auto` continues from it.
+Every file is written atomically with a checksum beside it (`last.ckpt.sha256`, bigml.atomic), so
+after a SIGKILL the newest complete checkpoint is intact and `resume=auto` continues from it, and
+a checkpoint damaged later is detected and skipped for the previous good one.
+
+Loading is safe for files from anyone: `load_checkpoint` is the one place checkpoints are read,
+always with torch's `weights_only=True` (tensors, numbers, strings, containers; no code runs).
+bigml's own checkpoints contain nothing else; those of older bigml versions held numpy RNG arrays,
+which are allowed by name (numpy's array reconstruction runs no user code).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from bigml.atomic import atomic_write_bytes
+from bigml.atomic import CorruptFile, atomic_write_bytes, remove_with_checksum, verify_file
 from bigml.errors import UsageError
 from bigml.run_dir import latest_resumable_run, output_root
 
@@ -60,11 +66,51 @@ def pick_checkpoint(run_dir: Path) -> Path | None:
                 return c
             continue
         try:
-            torch.load(c, map_location="cpu", weights_only=False, mmap=True)
+            load_checkpoint(c, mmap=True)
             return c
-        except Exception as e:  # truncated by a crash in a non-atomic writer, or an old format
-            log.warning("skipping unreadable checkpoint %s (%s)", c, type(e).__name__)
+        except CorruptFile as e:  # damaged on disk, truncated by a non-atomic writer, or not a checkpoint
+            log.warning("skipping checkpoint %s (%s); using an earlier one", c, str(e).split(": ", 1)[-1])
     return None
+
+
+def _numpy_globals() -> list:
+    """What torch.load needs to rebuild numpy arrays (RNG states in checkpoints of bigml <= 0.x)."""
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype, type(np.dtype("uint32")), type(np.dtype("float64"))]
+    for mod, name in (("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")):
+        try:
+            allowed.append(getattr(__import__(mod, fromlist=[name]), name))
+            break
+        except (ImportError, AttributeError):
+            continue
+    return allowed
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint's contents, read safely (weights_only), after checking its checksum.
+    CorruptFile (one line naming the file) when it is damaged, truncated or holds Python objects."""
+    path = Path(path)
+    verify_file(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except pickle_errors() as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CorruptFile(path, "holds Python objects besides tensors, which bigml does not load "
+                                    "(loading them could run code)",
+                              "load it yourself with torch.load(weights_only=False) only if you trust its source") from None
+        raise CorruptFile(path, f"not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def pickle_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+    import zipfile
+
+    return (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
+            AttributeError, TypeError, IndexError)
 
 
 def resolve_resume_dir(value: str, command: str, root: str | None = None) -> Path | None:
@@ -100,7 +146,8 @@ def resume_checkpoint(value: str | None, run_dir: Path) -> Path | None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic on local disks.
+    """Lightning's checkpoint writer and reader: atomic, checksummed writes on local disks; safe,
+    verified reads (`load_checkpoint`).
 
     Lightning's own `_atomic_save` goes through an fsspec transaction, whose local implementation
     writes to the system temp dir and then `shutil.move`s the file; across filesystems that is a copy
@@ -113,4 +160,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue(), checksum=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+
+    def remove_checkpoint(self, path) -> None:
+        if "://" in str(path):
+            return super().remove_checkpoint(path)
+        remove_with_checksum(path)

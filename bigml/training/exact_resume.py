@@ -23,7 +23,7 @@ class ExactResume:
         checkpoint.setdefault("bigml", {})["rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_plain(np.random.get_state()),
             "python": random.getstate(),
         }
 
@@ -38,5 +38,19 @@ class ExactResume:
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
+            np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
             random.setstate(rng["python"])
+
+
+def _numpy_state_plain(state: tuple) -> tuple:
+    """numpy's RNG state with its key array as a tensor: checkpoints then hold only what
+    torch.load(weights_only=True) reads (bigml.training.checkpoints loads nothing else)."""
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)), int(pos), int(has_gauss),
+            float(cached))
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return (name, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached))

@@ -19,10 +19,16 @@ from bigml.callbacks.progress import LogLines
 from bigml.callbacks.throughput import ThroughputMeter
 from bigml.errors import ConfigError, UsageError
 from bigml.progress import interactive
+from bigml.run_dir import check_path_component
 from bigml.training.checkpoints import AtomicCheckpointIO
+from bigml.training.distributed import ddp_strategy
+from bigml.training.nonfinite import NonFiniteGuard
+from bigml.training.preemption import PreemptionCheckpoint
 
 log = logging.getLogger("bigml")
-BIGML_TRAINER_KEYS = ("compile", "fsdp", "gradient_checkpointing")  # conf/trainer keys that are bigml's, not Trainer arguments
+# keys of conf/trainer that are bigml's, not Trainer arguments
+BIGML_TRAINER_KEYS = ("compile", "fsdp", "gradient_checkpointing", "on_nonfinite", "max_rollbacks", "rollback_lr_factor",
+                      "max_skipped", "ddp_timeout_s")
 
 
 def trainer_kwargs(cfg) -> tuple[dict, dict]:
@@ -53,6 +59,9 @@ def overfit_batches(cfg) -> int:
 def build_logger(cfg):
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
+    for key in ("name", "version"):  # directories inside the run: never a way out of it
+        if cfg.logger.get(key) not in (None, ""):
+            check_path_component(f"logger.{key}", cfg.logger.get(key))
     try:
         return instantiate(cfg.logger)
     except Exception as e:  # the logger's package is missing, typically
@@ -152,11 +161,24 @@ def _autocast_device(accelerator: str) -> str:
     return "cpu"
 
 
+def nonfinite_guard(cfg, run_dir: Path) -> NonFiniteGuard:
+    """trainer.on_nonfinite and its settings (bigml.training.nonfinite)."""
+    t = cfg.trainer
+    return NonFiniteGuard(str(t.get("on_nonfinite") or "stop"), max_rollbacks=int(t.get("max_rollbacks", 3)),
+                          lr_factor=float(t.get("rollback_lr_factor", 0.5)), max_skipped=int(t.get("max_skipped", 100)),
+                          checkpoint_dir=run_dir / "checkpoints")
+
+
 def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per_token: float | None,
-                  monitor_progress: bool = True, model=None) -> tuple[pl.Trainer, ThroughputMeter]:
+                  monitor_progress: bool = True, model=None,
+                  guard: NonFiniteGuard | None = None) -> tuple[pl.Trainer, ThroughputMeter]:
+    """The Trainer, with bigml's fault handling always on: a NaN/inf policy (`guard`, one per run:
+    pass the previous trainer's after a rollback) and preemption (SIGTERM/SIGUSR1 -> checkpoint)."""
     kwargs, extra = trainer_kwargs(cfg)
     if extra.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
+    if kwargs.get("strategy") == "ddp" and extra.get("ddp_timeout_s"):
+        kwargs["strategy"] = ddp_strategy(extra["ddp_timeout_s"])  # a dead or hung peer ends the wait
     if kwargs.get("strategy") == "fsdp":
         if model is None:
             raise UsageError("trainer=fsdp: this command does not support FSDP; use trainer=ddp")
@@ -169,7 +191,9 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     if monitor_progress:
         progress = [RichProgressBar(leave=True)] if interactive() else [LogLines(kwargs.get("log_every_n_steps", 10))]
     logger = build_logger(cfg)
-    all_callbacks = [*callbacks, meter, *progress, *configured_callbacks(cfg, logger)]
+    guard = guard or nonfinite_guard(cfg, run_dir)
+    preemption = PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt")
+    all_callbacks = [*callbacks, guard, preemption, meter, *progress, *configured_callbacks(cfg, logger)]
     kwargs.setdefault("check_val_every_n_epoch", None)  # validate every val_check_interval steps, across epochs
     plugins: list = [AtomicCheckpointIO()]
     if kwargs.get("precision") == "bf16-mixed" and not _is_fsdp(kwargs.get("strategy")):
