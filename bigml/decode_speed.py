@@ -16,11 +16,12 @@ decision is returned with its reason (`Plan.reasons`) for the log line and the m
   On an idle machine more threads win; on a busy one (other jobs on the cores) a thread that waits
   for a descheduled sibling at each of the step's synchronization points loses: measured up to 5x
   slower with 2 threads than with 1 (BENCHMARKS.md).
-- compile=auto: torch.compile (Inductor) with a static KV cache where it pays back: for int8
-  weights always (torchao's eager int8 path dequantizes each matrix at every step; compiled,
-  Inductor fuses it into one int8 matrix-vector kernel), otherwise only when this exact setup was
-  compiled before (Inductor's caches under `<cache_dir>/inductor` make the next compile a few
-  seconds instead of tens) and the run decodes at least COMPILE_MIN_STEPS steps.
+- compile=auto: torch.compile (Inductor) with a static KV cache where it pays back, which on the
+  CPUs measured here is int8 weights only: torchao's eager int8 path dequantizes each matrix at
+  every step, compiled Inductor runs one int8 matrix-vector kernel (3x). For bf16 and int4 the
+  compiled step measured at most ~1.2x eager (sometimes slower) for 10-90 s of compiling, so
+  auto leaves them eager; compile=true compiles them, with Inductor's caches under
+  `<cache_dir>/inductor` (a warm cache cuts the compile to seconds: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from bigml.errors import ConfigError
 log = logging.getLogger("bigml")
 
 QUANTIZE = ("none", "int8", "int4")
-COMPILE_MIN_STEPS = 512  # decode steps from which a warm-cache compile (seconds) is worth it
 INT4_GROUP_SIZES = (128, 64, 32)  # torchao's int4 CPU kernel: one scale per group of input features
 
 
@@ -56,7 +56,6 @@ class Plan:
     quantize: str = "none"
     compile: bool = False
     compile_cache_dir: str | None = None
-    compile_key: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
@@ -64,7 +63,7 @@ class Plan:
                 "quantize": self.quantize, "compile": self.compile, "decisions": dict(self.reasons)}
 
     def describe(self) -> str:
-        return "; ".join(f"{k} {v}" for k, v in self.reasons.items())
+        return " | ".join(f"{k} {v}" for k, v in self.reasons.items())
 
 
 def parse_threads(value: Any) -> int | str:
@@ -133,7 +132,7 @@ def _step_matrices(model) -> list[torch.Tensor]:
     return mats
 
 
-def race_precision(model, rows: int = 1, rounds: int = 3, cache_dir: str | None = None) -> tuple[torch.dtype, str]:
+def race_precision(model, rows: int = 1, rounds: int = 5, cache_dir: str | None = None) -> tuple[torch.dtype, str]:
     """fp32 against bf16: `rows` vectors times each of the model's own matrices, as in a decoding step.
 
     The whole set of matrices, not one: a model whose weights fit in the CPU's caches runs matrix-
@@ -261,28 +260,6 @@ def weight_bytes(model) -> int:
 
 # -- compilation --------------------------------------------------------------------------------
 
-def compile_key(model, dtype: torch.dtype, quantize: str, threads: int | None) -> str:
-    """What makes a compiled decoding step reusable: the architecture, weight format and threads."""
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    key = json.dumps([config, str(dtype), quantize, threads, torch.__version__], sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _marker(cache_dir: str) -> Path:
-    return Path(cache_dir) / "bigml_compiled.json"
-
-
-def compiled_before(cache_dir: str, key: str) -> bool:
-    return key in _read_json(_marker(cache_dir), [])
-
-
-def remember_compiled(cache_dir: str, key: str) -> None:
-    """Note that Inductor's caches hold this setup (compile=auto then compiles it again cheaply)."""
-    known = _read_json(_marker(cache_dir), [])
-    if key not in known:
-        _write_json(_marker(cache_dir), [*known, key])
-
-
 @contextlib.contextmanager
 def inductor_cache(cache_dir: str | None) -> Iterator[None]:
     """Inductor's FX-graph and AOT caches under bigml's cache directory for the duration (torch's
@@ -297,23 +274,21 @@ def inductor_cache(cache_dir: str | None) -> Iterator[None]:
         yield
 
 
-def decide_compile(requested: bool | str, quantize: str, steps: int, warm: bool) -> tuple[bool, str]:
+def decide_compile(requested: bool | str, quantize: str) -> tuple[bool, str]:
     if requested is True:
         return True, "on (compile=true)"
     if requested is False:
         return False, "off (compile=false)"
     if quantize == "int8":
         return True, "on (int8 weights: eager torchao int8 dequantizes every matrix at every step)"
-    if warm and steps >= COMPILE_MIN_STEPS:
-        return True, f"on (compiled before, cached; {steps} decoding steps)"
-    why = "not compiled before" if not warm else f"{steps} decoding steps < {COMPILE_MIN_STEPS}"
-    return False, f"off (compile=auto: {why}; compile=true compiles and caches it)"
+    return False, ("off (compile=auto: compiled decoding measured at most ~1.2x eager here, bf16 and int4, "
+                   "for 10-90 s of compiling; compile=true compiles, cached in cache_dir/inductor)")
 
 
 # -- the whole plan -----------------------------------------------------------------------------
 
 def prepare(model, device: str, precision: str, quantize: str = "none", threads: Any = "auto",
-            compile: Any = "auto", rows: int = 1, steps: int = 0, cache_dir: str | None = None):
+            compile: Any = "auto", rows: int = 1, cache_dir: str | None = None):
     """Cast, quantize and place `model` for decoding `rows` sequences at a time over `steps` steps
     in all; (model, Plan). The model is changed in place (cast and quantized)."""
     from bigml.generation import resolve_dtype
@@ -346,8 +321,6 @@ def prepare(model, device: str, precision: str, quantize: str = "none", threads:
             torch.set_num_threads(n_threads)
             reasons["threads"] = f"{n_threads} (threads={n_threads})"
     inductor_dir = str(Path(cache_dir).expanduser() / "inductor") if cache_dir else None
-    key = compile_key(model, dtype, quantize, n_threads)
-    warm = inductor_dir is not None and compiled_before(inductor_dir, key)
-    on, reasons["compile"] = decide_compile(compile, quantize, steps, warm)
+    on, reasons["compile"] = decide_compile(compile, quantize)
     reasons["weights"] = f"{weight_bytes(model) / 1e6:.0f} MB read per decoding step"
-    return model, Plan(dtype, n_threads, quantize, on, inductor_dir, key, reasons)
+    return model, Plan(dtype, n_threads, quantize, on, inductor_dir, reasons)

@@ -8,6 +8,7 @@ prepares the prompts (chat template, left padding, truncation to the context), t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -113,6 +114,7 @@ class Batch:
     seconds: float
     first_token_s: float | None
     truncated_tokens: list[int] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)  # the new tokens of each output row, end token included
 
 
 class Generator:
@@ -207,19 +209,18 @@ class Generator:
         streams = stream_to is not None and len(prompts) == 1 and n_seq == 1 and self.config.num_beams == 1
         timer = TimingStreamer(self.tokenizer, stream_to if streams else None, self.stops)
         beams = int(self.config.num_beams or 1) > 1  # transformers refuses streamers with beam search
-        extra = {}
-        if self.config.cache_implementation == "static":
-            extra["max_cache_len"] = self.static_cache_length(inputs["input_ids"].shape[1])
-        from bigml.decode_speed import inductor_cache, remember_compiled
+        config = self.config
+        if config.cache_implementation == "static":
+            config = copy.copy(config)  # shallow: the compile config (and its compiled graph) is shared
+            config.max_cache_len = self.static_cache_length(inputs["input_ids"].shape[1])
+        from bigml.decode_speed import inductor_cache
 
         cache_dir = self.plan.compile_cache_dir if self.plan is not None and self.compiled else None
         t0 = time.perf_counter()
         with inductor_cache(cache_dir):
-            out = self.model.generate(**inputs, generation_config=self.config, tokenizer=self.tokenizer,
-                                      streamer=None if beams else timer, **extra)
+            out = self.model.generate(**inputs, generation_config=config, tokenizer=self.tokenizer,
+                                      streamer=None if beams else timer)
         seconds = time.perf_counter() - t0
-        if cache_dir is not None and self.plan.compile_key:
-            remember_compiled(cache_dir, self.plan.compile_key)
         if streams:
             stream_to.write("\n")
             stream_to.flush()
@@ -229,14 +230,16 @@ class Generator:
         ends.add(self.config.pad_token_id)
         completions: list[list[str]] = [[] for _ in prompts]
         counts: list[list[int]] = [[] for _ in prompts]
+        token_ids: list[list[int]] = []
         for row in range(new.shape[0]):
             toks = new[row].tolist()
             n = next((i + 1 for i, t in enumerate(toks) if t in ends), len(toks))  # the end token counts
+            token_ids.append(toks[:n])
             text, _ = cut_at_stop(self.tokenizer.decode(toks[:n], skip_special_tokens=True), self.stops)
             completions[row // n_seq].append(text)
             counts[row // n_seq].append(n)
         ttft = timer.first_token_at - t0 if timer.first_token_at is not None else None
-        return Batch(completions, counts, seconds, ttft, dropped)
+        return Batch(completions, counts, seconds, ttft, dropped, token_ids)
 
 
 def read_prompts(path: str, field_name: str = "prompt", stdin: TextIO | None = None) -> list[dict[str, Any]]:
@@ -303,10 +306,9 @@ def decode_prompts(cfg, model, tokenizer, records, single: bool, field: str, sto
 
     bs = int(cfg.batch_size)
     rows = min(bs, len(records)) * max(n_seq, int(cfg.num_beams))
-    steps = -(-len(records) // bs) * int(cfg.max_new_tokens)
     model, plan = prepare(model, model.device.type, str(cfg.precision), quantize=cfg.get("quantize", "none"),
                           threads=cfg.get("threads", "auto"), compile=cfg.compile if cfg.use_cache else False,
-                          rows=rows, steps=steps, cache_dir=str(cfg.cache_dir))
+                          rows=rows, cache_dir=str(cfg.cache_dir))
     if not cfg.use_cache:
         plan.reasons["compile"] = "off (use_cache=false: no static KV cache to compile around)"
     dtype = plan.dtype
