@@ -11,17 +11,17 @@ decision is returned with its reason (`Plan.reasons`) for the log line and the m
 - precision=auto on a CPU: bf16 when a race between fp32 and bf16 over the model's largest matrix
   (usually the output layer), at the batch's width, says bf16 is faster; else fp32. Quantized
   weights always compute in bf16 on CPUs (torchao's CPU kernels run fp32 activations many times
-  slower: BENCHMARKS.md, section generate).
+  slower).
 - threads=auto on a CPU: a race of one-token forward passes with 1 thread against one per core.
   On an idle machine more threads win; on a busy one (other jobs on the cores) a thread that waits
-  for a descheduled sibling at each of the step's synchronization points loses: measured up to 5x
-  slower with 2 threads than with 1 (BENCHMARKS.md).
+  for a descheduled sibling at each of the step's synchronization points loses (BENCHMARKS.md:
+  torch's default threads against 1 thread).
 - compile=auto: torch.compile (Inductor) with a static KV cache where it pays back, which on the
   CPUs measured here is int8 weights only: torchao's eager int8 path dequantizes each matrix at
-  every step, compiled Inductor runs one int8 matrix-vector kernel (3x). For bf16 and int4 the
-  compiled step measured at most ~1.2x eager (sometimes slower) for 10-90 s of compiling, so
-  auto leaves them eager; compile=true compiles them, with Inductor's caches under
-  `<cache_dir>/inductor` (a warm cache cuts the compile to seconds: BENCHMARKS.md).
+  every step, compiled Inductor runs one int8 matrix-vector kernel. For bf16 and int4 the
+  compiled step measured no reliably faster than eager (BENCHMARKS.md) for tens of seconds of
+  compiling, so auto leaves them eager; compile=true compiles them, with Inductor's caches under
+  `<cache_dir>/inductor` (a warm cache makes the next compile much shorter: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def race_precision(model, rows: int = 1, rounds: int = 5, cache_dir: str | None 
     """fp32 against bf16: `rows` vectors times each of the model's own matrices, as in a decoding step.
 
     The whole set of matrices, not one: a model whose weights fit in the CPU's caches runs matrix-
-    vector products at cache speed, where bf16 gains nothing (measured: 0.9x fp32 for a 4096 x 576
-    matrix repeated), while one that streams its weights from memory is bound by bytes (bf16 1.7-2x
-    for a 49152 x 576 one). One thread: the per-thread verdict, before threads are chosen.
+    vector products at cache speed, where bf16 may gain nothing, while one that streams its weights
+    from memory is bound by bytes, where bf16 reads half. One thread: the per-thread verdict, before
+    threads are chosen.
 
     The verdict is a property of the CPU and the model's shape, not of the moment (both sides are
     slowed alike by other work), so it is kept in `<cache_dir>/decode_precision.json`: the same
@@ -281,8 +281,9 @@ def decide_compile(requested: bool | str, quantize: str) -> tuple[bool, str]:
         return False, "off (compile=false)"
     if quantize == "int8":
         return True, "on (int8 weights: eager torchao int8 dequantizes every matrix at every step)"
-    return False, ("off (compile=auto: compiled decoding measured at most ~1.2x eager here, bf16 and int4, "
-                   "for 10-90 s of compiling; compile=true compiles, cached in cache_dir/inductor)")
+    return False, ("off (compile=auto: compiled bf16 / int4 decoding measured no reliably faster than eager on "
+                   "CPU, BENCHMARKS.md, for tens of seconds of compiling; compile=true compiles, cached in "
+                   "cache_dir/inductor)")
 
 
 # -- the whole plan -----------------------------------------------------------------------------
