@@ -274,5 +274,5 @@ def _check_intact(path: str, _manifest_mtime: int, key: str) -> None:
     try:
         verify_directory(path)
     except CorruptFile as e:
-        raise DataError(f"{key}: {e}; the model directory is damaged, use another copy (or the run's "
-                        f"checkpoints/ with resume=)") from None
+        raise DataError(f"{key}: {e}; the model directory is damaged: use another copy (or the run's "
+                        f"checkpoints/ with resume=), or if you edited it on purpose, delete its {MANIFEST}") from None

@@ -8,6 +8,7 @@ prepares the prompts (chat template, left padding, truncation to the context), t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -26,26 +27,6 @@ from bigml.progress import track
 log = logging.getLogger("bigml")
 
 
-def resolve_dtype(precision: str, device: str) -> torch.dtype:
-    """`auto`: bf16 (fp16 without bf16) on GPUs; fp32 on CPUs.
-
-    Weights are cast, not autocast. On the AMX CPU of BENCHMARKS.md (section generate) bf16 weights
-    decoded one token at a time *slower* than fp32 (the bf16 kernels pay off on big matmuls, as in
-    training, not on the batch-1 matrix-vector products of decoding), so CPU decoding stays fp32;
-    precision=bf16 asks for it anyway.
-    """
-    names = {"fp32": torch.float32, "32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "16": torch.float16, "float16": torch.float16}
-    precision = str(precision)
-    if precision == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if precision not in names:
-        raise ConfigError("precision", f"unknown precision {precision!r}", "choose auto, fp32, bf16 or fp16")
-    return names[precision]
-
-
 def context_length(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(config, key, None)
@@ -57,6 +38,22 @@ def context_length(config) -> int | None:
 def unescape(text: str) -> str:
     r"""`\n`, `\t`, `\\` as typed in a shell become the characters (for stop strings)."""
     return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r").replace("\0", "\\")
+
+
+def early_stops(tokenizer, stops: list[str]) -> list[str]:
+    """The stop strings transformers can watch for while decoding (it then stops early). It refuses a
+    string none of whose characters any token contains (a ValueError for the whole call); such a
+    string can still appear in decoded text, so `cut_at_stop` still cuts at it afterwards."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    usable = []
+    for s in stops:
+        try:
+            StopStringCriteria(tokenizer, [s])
+            usable.append(s)
+        except ValueError:
+            log.debug("stop string %r matches no token; cut after decoding only", s)
+    return usable
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -115,14 +112,21 @@ class Batch:
     seconds: float
     first_token_s: float | None
     truncated_tokens: list[int] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)  # the new tokens of each output row, end token included
 
 
 class Generator:
     """A causal LM and its tokenizer, ready to decode batches of prompts."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gen_cfg: dict[str, Any],
-                 stops: list[str], chat: bool = False, prompt_overflow: str = "truncate", compile: bool = False):
+                 stops: list[str], chat: bool = False, prompt_overflow: str = "truncate", compile: bool = False,
+                 plan=None):
+        """`plan` (bigml.decode_speed.prepare's): compile as it decided, with Inductor's caches in
+        bigml's cache directory; `compile=true` without a plan compiles with torch's default cache."""
         self.model, self.tokenizer, self.stops, self.chat = model, tokenizer, stops, chat
+        self.plan = plan
+        compile = bool(compile or (plan is not None and plan.compile))
+        self.compiled = compile
         self.prompt_overflow = prompt_overflow
         tokenizer.padding_side = "left"  # decoder-only models continue from the last position
         if tokenizer.pad_token_id is None:
@@ -144,12 +148,15 @@ class Generator:
         if config.eos_token_id is None and tokenizer.eos_token_id is not None:
             config.eos_token_id = tokenizer.eos_token_id
         if stops:
-            config.stop_strings = stops
+            config.stop_strings = early_stops(tokenizer, stops) or None
         if compile:
             from transformers import CompileConfig
 
             config.cache_implementation = config.cache_implementation or "static"
-            compile_config = CompileConfig(mode="default" if model.device.type == "cpu" else "reduce-overhead")
+            # fullgraph: a graph break in the decoding step would bring back the Python overhead
+            # compiling removes; dynamic=False: the static cache gives every step the same shapes
+            compile_config = CompileConfig(fullgraph=True, dynamic=False,
+                                           mode="default" if model.device.type == "cpu" else "reduce-overhead")
             compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
             config.compile_config = compile_config
         try:
@@ -157,6 +164,19 @@ class Generator:
         except ValueError as e:
             raise UsageError(f"decoding settings: {str(e).splitlines()[0]}") from None
         self.config = config
+
+    STATIC_CACHE_STEP = 256
+
+    def static_cache_length(self, prompt_len: int) -> int:
+        """The static KV cache's length for a batch: prompt + new tokens, rounded up to a multiple of
+        STATIC_CACHE_STEP so that batches of similar lengths share one compiled graph (transformers
+        keeps the longest seen), capped at the context. Every step attends over the whole static
+        cache, so it is not simply the context: 8192 positions would read ~190 MB of keys and
+        values per step on SmolLM2-135M, more than its bf16 weights' 270 MB."""
+        need = prompt_len + self.max_new_tokens
+        length = -(-need // self.STATIC_CACHE_STEP) * self.STATIC_CACHE_STEP
+        ctx = context_length(self.model.config)
+        return min(length, ctx) if ctx is not None else length
 
     def encode(self, prompts: list[str] | list[list[dict]]) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Left-padded input ids; prompts over the budget lose tokens from the left (or fail). With
@@ -187,9 +207,17 @@ class Generator:
         streams = stream_to is not None and len(prompts) == 1 and n_seq == 1 and self.config.num_beams == 1
         timer = TimingStreamer(self.tokenizer, stream_to if streams else None, self.stops)
         beams = int(self.config.num_beams or 1) > 1  # transformers refuses streamers with beam search
+        config = self.config
+        if config.cache_implementation == "static":
+            config = copy.copy(config)  # shallow: the compile config (and its compiled graph) is shared
+            config.max_cache_len = self.static_cache_length(inputs["input_ids"].shape[1])
+        from bigml.decode_speed import inductor_cache
+
+        cache_dir = self.plan.compile_cache_dir if self.plan is not None and self.compiled else None
         t0 = time.perf_counter()
-        out = self.model.generate(**inputs, generation_config=self.config, tokenizer=self.tokenizer,
-                                  streamer=None if beams else timer)
+        with inductor_cache(cache_dir):
+            out = self.model.generate(**inputs, generation_config=config, tokenizer=self.tokenizer,
+                                      streamer=None if beams else timer)
         seconds = time.perf_counter() - t0
         if streams:
             stream_to.write("\n")
@@ -200,14 +228,16 @@ class Generator:
         ends.add(self.config.pad_token_id)
         completions: list[list[str]] = [[] for _ in prompts]
         counts: list[list[int]] = [[] for _ in prompts]
+        token_ids: list[list[int]] = []
         for row in range(new.shape[0]):
             toks = new[row].tolist()
             n = next((i + 1 for i, t in enumerate(toks) if t in ends), len(toks))  # the end token counts
+            token_ids.append(toks[:n])
             text, _ = cut_at_stop(self.tokenizer.decode(toks[:n], skip_special_tokens=True), self.stops)
             completions[row // n_seq].append(text)
             counts[row // n_seq].append(n)
         ttft = timer.first_token_at - t0 if timer.first_token_at is not None else None
-        return Batch(completions, counts, seconds, ttft, dropped)
+        return Batch(completions, counts, seconds, ttft, dropped, token_ids)
 
 
 def read_prompts(path: str, field_name: str = "prompt", stdin: TextIO | None = None) -> list[dict[str, Any]]:
@@ -270,8 +300,19 @@ def decode_prompts(cfg, model, tokenizer, records, single: bool, field: str, sto
             gen_cfg["top_k"] = int(cfg.top_k)
     if cfg.cache_implementation is not None and cfg.use_cache:
         gen_cfg["cache_implementation"] = str(cfg.cache_implementation)
+    from bigml.decode_speed import prepare
+
+    bs = int(cfg.batch_size)
+    rows = min(bs, len(records)) * max(n_seq, int(cfg.num_beams))
+    model, plan = prepare(model, model.device.type, str(cfg.precision), quantize=cfg.get("quantize", "none"),
+                          threads=cfg.get("threads", "auto"), compile=cfg.compile if cfg.use_cache else False,
+                          rows=rows, cache_dir=str(cfg.cache_dir))
+    if not cfg.use_cache:
+        plan.reasons["compile"] = "off (use_cache=false: no static KV cache to compile around)"
+    dtype = plan.dtype
     gen = Generator(model, tokenizer, gen_cfg, stops, chat=bool(cfg.chat), prompt_overflow=str(cfg.prompt_overflow),
-                    compile=bool(cfg.compile))
+                    plan=plan)
+    log.info("speed: %s", plan.describe())  # after the Generator's checks: a refused call prints one line
     text_out = single and n_seq == 1 and cfg.output is None
     stream = str(cfg.stream).lower()
     stream_to = None
@@ -279,7 +320,6 @@ def decode_prompts(cfg, model, tokenizer, records, single: bool, field: str, sto
         stream_to = sys.stdout
     sink, is_file = (None, False) if text_out else _writer(cfg)
     total_new, total_s, first_token_s, truncated = 0, 0.0, None, []
-    bs = int(cfg.batch_size)
     try:
         starts = range(0, len(records), bs)
         # a bar only for several batches: one prompt streams its text to the same terminal
@@ -315,14 +355,16 @@ def decode_prompts(cfg, model, tokenizer, records, single: bool, field: str, sto
                     "refuses instead)", n_trunc, len(truncated), gen.prompt_budget, gen.max_new_tokens, sum(truncated))
     rate = total_new / total_s if total_s > 0 else float("nan")
     cache = ("no KV cache" if not cfg.use_cache else
-             f"{gen.config.cache_implementation or 'dynamic'} KV cache") + (", compiled" if cfg.compile else "")
+             f"{gen.config.cache_implementation or 'dynamic'} KV cache") + (", compiled" if gen.compiled else "")
     ttft = f"{first_token_s * 1000:.0f} ms" if first_token_s is not None else "n/a (beam search)"
     where = f"; wrote {cfg.output}" if is_file else ""
     log.info("generated %d tokens for %d prompt%s in %.2f s: %.1f tokens/s, first token after %s "
              "(%s, %s, batch %d)%s", total_new, len(records), "" if len(records) == 1 else "s", total_s, rate, ttft,
-             str(dtype).removeprefix("torch."), cache, bs, where)
+             str(dtype).removeprefix("torch.") + ("" if plan.quantize == "none" else f", {plan.quantize} weights"),
+             cache, bs, where)
     return {"prompts": len(records), "new_tokens": total_new, "seconds": round(total_s, 4),
-            "tokens_per_s": round(rate, 2), "first_token_s": first_token_s, "truncated_prompts": n_trunc}
+            "tokens_per_s": round(rate, 2), "first_token_s": first_token_s, "truncated_prompts": n_trunc,
+            **plan.metrics()}
 
 
 def fill_masks(cfg, model, tokenizer, records, single: bool, field: str) -> dict[str, Any]:

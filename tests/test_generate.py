@@ -142,6 +142,9 @@ def test_stop_string_cuts_the_completion(cli, models, tmp_path):
     assert r.code == 0 and r.out == cut.out
     r = gen(cli, models["char"], f"prompt={TEXT}", "max_new_tokens=20", *sample, "stop=\\n", "stream=true")
     assert r.code == 0 and "\n" not in r.out.rstrip("\n")
+    # a stop string no token contains (transformers refuses it) is still honoured, after decoding
+    r = gen(cli, models["char"], f"prompt={TEXT}", "max_new_tokens=20", *sample, "stop=\u2603")
+    assert r.code == 0 and r.out == full + "\n"
 
 
 def test_streaming_prints_the_same_text(cli, models):
@@ -284,6 +287,10 @@ def bad_dirs(models, tmp_path_factory):
     (["model.path={bad}/notok", "prompt=hi"], "holds no tokenizer files"),
     (["model.path=/nonexistent/model", "prompt=hi"], "no such directory"),
     (["prompt=hi", "max_new_tokens=abc"], "max_new_tokens"),
+    (["prompt=hi", "threads=0"], "threads: 0 is not auto or a number of threads"),
+    (["prompt=hi", "threads=many"], "threads: 'many' is not auto or a number of threads"),
+    (["prompt=hi", "compile=sometimes"], "compile: 'sometimes' is not auto, true or false"),
+    (["prompt=hi", "quantize=int3"], "quantize: 'int3' is not one of none, int8, int4"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, models, bad_dirs, env, args, needle):
     args = [a.replace("{bad}", str(bad_dirs)) for a in args]
@@ -307,3 +314,143 @@ def test_no_prompt_at_all_is_a_usage_error(cli, models, monkeypatch, stdin, need
     monkeypatch.setattr(sys, "stdin", stdin)
     r = gen(cli, models["char"])
     assert r.code == 2 and needle in r.err
+
+
+# --- speed: decided by measurement, recorded; options; compile cache ---------------------------
+
+def speed_run(model: Path, *args, prompt: str | None = "The cat", new: int = 8) -> dict:
+    import bigml
+
+    first = [f"prompt={prompt}"] if prompt is not None else []
+    return bigml.run("generate", [f"model.path={model}", *first, f"max_new_tokens={new}", "stream=false", *args])
+
+
+@pytest.fixture()
+def keep_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_speed_defaults_are_measured_and_recorded(cli, models, env, keep_threads):
+    import os
+
+    import torch
+
+    r = gen(cli, models["llama"], "prompt=The cat", "max_new_tokens=8")
+    assert r.code == 0, r.err
+    line = next(x for x in r.err.splitlines() if x.startswith("speed: "))
+    assert "precision" in line and "threads" in line and "compile off" in line and "MB read per decoding step" in line
+    m = speed_run(models["llama"])
+    assert m["precision"] in ("bfloat16", "float32") and m["quantize"] == "none" and m["compile"] is False
+    cores = len(os.sched_getaffinity(0))
+    assert m["threads"] in (1, cores) and torch.get_num_threads() == m["threads"]
+    d = m["decisions"]
+    assert "measured" in d["threads"] and f"{m['threads']}: " in d["threads"]
+    # the precision race is kept per CPU and model shape: the second call reuses it (same text)
+    assert d["precision"].endswith("measured earlier on this CPU)"), d["precision"]
+    assert d["precision"].startswith("bf16" if m["precision"] == "bfloat16" else "fp32")
+    known = json.loads((Path(env["BIGML_CACHE_DIR"]) / "decode_precision.json").read_text())
+    ratio = float(d["precision"].split("bf16 at ")[1].split("x")[0])
+    assert any(abs(v - ratio) < 0.01 for v in known.values())
+    assert (m["precision"] == "bfloat16") == (ratio > 1.1)
+
+
+def test_explicit_speed_keys_are_obeyed(models, keep_threads):
+    import torch
+
+    m = speed_run(models["llama"], "threads=1", "precision=fp32", "compile=false")
+    assert (m["threads"], m["precision"], m["compile"]) == (1, "float32", False)
+    assert m["decisions"]["threads"] == "1 (threads=1)" and m["decisions"]["compile"] == "off (compile=false)"
+    assert torch.get_num_threads() == 1
+
+
+def test_weight_bytes_counts_what_a_step_reads(models):
+    """fp32 -> 4 bytes a weight; int8 -> 1 byte plus one scale per row; the input embeddings (one row a
+    token) count only while tied to the output layer. Checked against the parameter shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bigml.decode_speed import quantize_weights, weight_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+    mats = sum(m.weight.numel() for m in linear)  # the output layer included; untied input embeddings not
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert weight_bytes(model) == 4 * (mats + norms)
+    model = model.to(torch.bfloat16)
+    quantize_weights(model, "int8", "cpu")
+    rows = sum(m.out_features for m in linear)
+    scale_bytes = weight_bytes(model) - sum(m.in_features * m.out_features for m in linear) - 2 * norms
+    assert scale_bytes in (2 * rows, 4 * rows)  # one bf16 / fp32 scale per output row
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_weights_decode_close_to_the_reference(cli, models, tmp_path, quantize, keep_threads):
+    """int8 / int4 weight-only (torchao) through the CLI; the quantized model's next-token
+    distribution stays close to the bf16 one (independent forward passes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bigml.decode_speed import quantize_weights
+
+    r = gen(cli, models["llama"], "prompt=The cat", "max_new_tokens=6", f"quantize={quantize}", "compile=false",
+            f"output={tmp_path / 'o.jsonl'}")
+    assert r.code == 0, r.err
+    assert f"{quantize} weight-only" in r.err and "precision bf16 (activations of quantized weights)" in r.err
+    assert jsonl(tmp_path / "o.jsonl")[0]["new_tokens"] >= 1
+    ref = AutoModelForCausalLM.from_pretrained(models["llama"]).eval().to(torch.bfloat16)
+    q = AutoModelForCausalLM.from_pretrained(models["llama"]).eval().to(torch.bfloat16)
+    quantize_weights(q, quantize, "cpu")
+    ids = torch.randint(3, ref.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        p, pq = (m(input_ids=ids).logits.float().softmax(-1) for m in (ref, q))
+    assert (p - pq).abs().sum(-1).max() < (0.1 if quantize == "int8" else 0.5)  # total variation, per position
+
+
+def test_int4_group_size_divides_every_layer():
+    from torch import nn
+
+    from bigml.decode_speed import int4_group_size
+
+    assert int4_group_size(nn.Sequential(nn.Linear(576, 1536), nn.Linear(1536, 576))) == 64  # SmolLM2's widths
+    assert int4_group_size(nn.Sequential(nn.Linear(256, 768), nn.Linear(768, 256))) == 128
+    assert int4_group_size(nn.Linear(48, 8)) is None
+
+
+def test_compile_is_greedy_identical_and_cached(cli, models, env, tmp_path, keep_threads):
+    """compile=true (static cache, Inductor) decodes the same greedy tokens as eager, and its
+    artifacts land in cache_dir/inductor (what makes the next compile of the setup cheap);
+    compile=auto leaves bf16 / fp32 eager and compiles int8 weights."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The cat\nA dog moves slowly under the\nOne bird\n")
+    outs = {}
+    for name, extra in {"eager": ["compile=false"], "compiled": ["compile=true"]}.items():
+        r = gen(cli, models["llama"], f"prompts_file={prompts}", f"output={tmp_path / name}.jsonl", "max_new_tokens=12",
+                "precision=fp32", "threads=1", *extra)
+        assert r.code == 0, r.err
+        outs[name] = [row["completion"] for row in jsonl(tmp_path / f"{name}.jsonl")]
+    assert outs["eager"] == outs["compiled"]
+    assert "static KV cache, compiled" in r.err
+    inductor = Path(env["BIGML_CACHE_DIR"]) / "inductor"
+    assert any((inductor / "fxgraph").rglob("*")) or any((inductor / "aotautograd").rglob("*"))
+    auto = speed_run(models["llama"], "precision=fp32", "threads=1")
+    assert auto["compile"] is False and "compile=auto" in auto["decisions"]["compile"]
+    from bigml.decode_speed import decide_compile
+
+    assert decide_compile("auto", "int8")[0] is True and decide_compile("auto", "int4")[0] is False
+
+
+def test_static_cache_length_is_bucketed(models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bigml.generation import Generator
+
+    model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()  # context 256
+    g = Generator(model, AutoTokenizer.from_pretrained(models["llama"]), {"max_new_tokens": 20}, stops=[])
+    assert [g.static_cache_length(n) for n in (1, 100, 236, 237)] == [256, 256, 256, 256]
+    g.STATIC_CACHE_STEP = 64
+    assert [g.static_cache_length(n) for n in (1, 44, 45, 200)] == [64, 64, 128, 256]

@@ -38,6 +38,9 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError("top_p", f"{cfg.top_p} must be in (0, 1]")
     if float(cfg.repetition_penalty) <= 0:
         raise ConfigError("repetition_penalty", f"{cfg.repetition_penalty} must be > 0 (1.0: no penalty)")
+    from bigml.decode_speed import parse_compile, parse_quantize, parse_threads
+
+    parse_threads(cfg.threads), parse_compile(cfg.compile), parse_quantize(cfg.quantize)
     if cfg.top_k is not None and int(cfg.top_k) < 1:
         raise ConfigError("top_k", f"{cfg.top_k} must be at least 1")
     if not cfg.do_sample and int(cfg.num_return_sequences) > int(cfg.num_beams):
@@ -111,7 +114,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     import transformers
 
     from bigml.data.tokenizer import load_tokenizer
-    from bigml.generation import resolve_dtype
+    from bigml.decode_speed import resolve_dtype
     from bigml.models.architectures import describe
     from bigml.models.loading import load_model, model_task, read_config
 
@@ -123,7 +126,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(path, key="model.path")
     device = _device(cfg)
     dtype = resolve_dtype(str(cfg.precision), device)
-    log.info("loading %s (%s, %s, %s)", path, describe(config), task.name, str(dtype).removeprefix("torch."))
+    shown = "precision auto" if str(cfg.precision) == "auto" and device == "cpu" else str(dtype).removeprefix("torch.")
+    log.info("loading %s (%s, %s, %s)", path, describe(config), task.name, shown)
     model, _ = load_model(path, task, config=config)
     model = model.to(device=device, dtype=dtype).eval()
     transformers.set_seed(int(cfg.seed))

@@ -43,10 +43,12 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
         check_types(cfg, hydra_cfg.job.config_name)  # before the slow imports: bad values fail in a blink
         check_choices(command, dict(hydra_cfg.runtime.choices), cfg)
         quiet_libraries(verbose=bool(cfg.get("verbose", False)))
-        if cfg.get("threads"):
+        if cfg.get("threads") not in (None, "auto"):  # auto: the command decides (generate measures)
             import torch
 
-            torch.set_num_threads(int(cfg.threads))
+            from bigml.decode_speed import parse_threads
+
+            torch.set_num_threads(parse_threads(cfg.threads))  # 0 or text: one line, exit 2
         if isinstance(fn, str):
             import importlib
 

@@ -66,7 +66,7 @@ def load(cfg: DictConfig):
     """(model, tokenizer, task) of model.path, on the device and in the precision asked."""
     from bigml.commands.generate import _device
     from bigml.data.tokenizer import load_tokenizer
-    from bigml.generation import resolve_dtype
+    from bigml.decode_speed import resolve_dtype
     from bigml.models.architectures import describe
     from bigml.models.loading import load_model, model_task, read_config
 
