@@ -36,8 +36,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
+    return cpu_bf16_verdict()[0]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_verdict() -> tuple[bool, str]:
     """Whether bf16 matmuls beat fp32 on this CPU, the condition for bf16 autocast to pay off.
 
     AMX (Sapphire Rapids and later) runs them ~3x faster than fp32: yes without measuring.
@@ -47,9 +51,9 @@ def cpu_has_fast_bf16() -> bool:
     """
     flags = cpu_flags()
     if "amx_bf16" in flags:
-        return True
+        return True, "AMX: bf16 matmuls in hardware"
     if "avx512_bf16" not in flags:
-        return False
+        return False, "no AMX or AVX512-BF16: bf16 would be emulated"
     import torch
 
     fp32 = bf16 = 0.0
@@ -57,7 +61,22 @@ def cpu_has_fast_bf16() -> bool:
         fp32 = max(fp32, measure_cpu_peak_flops(torch.float32, n=1024, seconds=0.1))
         bf16 = max(bf16, measure_cpu_peak_flops(torch.bfloat16, n=1024, seconds=0.1))
     log.debug("bf16 matmul %.0f GFLOP/s vs fp32 %.0f GFLOP/s", bf16 / 1e9, fp32 / 1e9)
-    return bf16 > 1.2 * fp32
+    return bf16 > 1.2 * fp32, (f"AVX512-BF16 without AMX: bf16 matmuls measured {bf16 / max(fp32, 1):.2f}x fp32 "
+                               f"at start-up (bf16 needs > 1.2x)")
+
+
+def precision_reason(requested: str, accelerator: str, resolved: str) -> str:
+    """Why `trainer.precision=requested` became `resolved`: the line metrics.json keeps."""
+    import torch
+
+    if str(requested) != "auto":
+        return f"{resolved} (trainer.precision={requested})"
+    acc = resolve_accelerator(accelerator)
+    if acc == "gpu" and torch.cuda.is_available():
+        return f"{resolved} (auto on a GPU: bf16 where the GPU supports it, else fp16)"
+    if acc == "cpu":
+        return f"{resolved} (auto: {cpu_bf16_verdict()[1]})"
+    return f"{resolved} (auto)"
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -229,6 +229,35 @@ def test_compile_trains_the_same_model(cli, corpus, tmp_path):
              f"hydra.run.dir={tmp_path / 'e'}")
     assert r2.code == 0
     assert read(tmp_path / "c")["val_loss"] == pytest.approx(read(tmp_path / "e")["val_loss"], abs=1e-3)
+    # metrics.json says what the hardware-dependent defaults resolved to, and why
+    assert read(tmp_path / "c")["decisions"]["compile"].startswith("on")
+    assert read(tmp_path / "e")["decisions"] == {"precision": "32-true (trainer.precision=32-true)",
+                                                 "compile": "off (trainer.compile=false: the default on CPU)"}
+
+
+def test_precision_auto_records_its_reason(cli, corpus, tmp_path):
+    from bigml.hardware import cpu_bf16_verdict
+
+    r = cli("pretrain", *PRETRAIN, f"data.path={corpus}", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'a'}")
+    assert r.code == 0, r.err
+    m = read(tmp_path / "a")
+    fast, why = cpu_bf16_verdict()
+    assert m["precision"] == ("bf16-mixed" if fast else "32-true")
+    assert m["decisions"]["precision"].startswith(f"{m['precision']} (auto: ")
+    assert why.split(":")[0] in m["decisions"]["precision"]
+
+
+def test_finetune_compile_trains_the_same_model(cli, labeled_csv, tmp_path):
+    """trainer.compile reaches finetune (it was ignored there): same metrics as eager, recorded."""
+    runs = {}
+    for name, extra in (("c", ["trainer.compile=true"]), ("e", [])):
+        r = cli("finetune", *TINY_FT, f"data.path={labeled_csv}", "trainer.max_epochs=1", *extra,
+                f"hydra.run.dir={tmp_path / name}")
+        assert r.code == 0, r.err
+        runs[name] = read(tmp_path / name)
+    assert runs["c"]["decisions"]["compile"].startswith("on") and runs["e"]["decisions"]["compile"].startswith("off")
+    assert runs["c"]["train_loss"] == pytest.approx(runs["e"]["train_loss"], abs=1e-3)
+    assert runs["c"]["test_accuracy"] == pytest.approx(runs["e"]["test_accuracy"], abs=1e-6)
 
 
 # -- finetuning keys ------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def run(cfg: DictConfig, run_dir: RunDir | None = None, raw=None) -> dict[str, A
     task = finetune_task(cfg)
     metric, mode = monitor_of(cfg, task)
     check_gate_names(cfg.eval, task)
-    trainer_kwargs(cfg)
+    _, trainer_extra = trainer_kwargs(cfg)
     resuming = bool(cfg.get("resume"))
     run_dir = run_dir or RunDir.open(cfg, resuming=resuming)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -298,7 +298,7 @@ def run(cfg: DictConfig, run_dir: RunDir | None = None, raw=None) -> dict[str, A
                                "samples_per_sec": round(module.samples_seen / max(train_time, 1e-9), 2),
                                "trained_tokens_per_sec": round(module.tokens_trained / max(train_time, 1e-9), 2),
                                "early_stopping_metric": f"val_{metric}", "precision": str(trainer.precision),
-                               **guard_of(trainer).summary()}
+                               **guard_of(trainer).summary(), "decisions": trainer_extra["decisions"]}
     metrics.update(score(cfg, task, model, data, module, run_dir, trainer.is_global_zero))
     # CI gates on the held-out scores (eval.fail_below.<metric>: test_<metric>, else val_<metric>)
     status, failed = gate_status(metrics, cfg.eval, prefix="test_" if "test" in data.encoded else "val_")

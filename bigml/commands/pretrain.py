@@ -197,6 +197,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["replicas_identical"] = identical
     metrics.update({k: v for k, v in meter.summary().items()})
     metrics.update(guard_of(trainer).summary())
+    metrics["decisions"] = extra["decisions"]
     if trainer.is_global_zero:
         weights = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered is not None else None
         run_dir.export_model(module.model, tokenizer, state_dict=weights, metadata={

@@ -33,8 +33,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     supports_fused = "fused" in cfg  # the presets list `fused` only for optimizers that have the option
     fused = cfg.pop("fused", None)
     kwargs = {}
-    # torch's fused Adam/AdamW kernels run on CPU as well as GPU (torch >= 2.4); on 2 CPU cores the
-    # fused step is ~9x faster than the default per-tensor loop (BENCHMARKS.md, pretrain section).
+    # torch's fused Adam/AdamW kernels run on CPU as well as GPU (torch >= 2.4); BENCHMARKS.md's
+    # pretraining section times the three implementations side by side (scripts/bench_pretrain.py).
     devices = {p.device.type for p in model.parameters()}
     if fused or (fused is None and supports_fused and devices <= {"cuda", "cpu", "mps", "xpu"}):
         kwargs["fused"] = True

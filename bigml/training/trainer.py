@@ -38,7 +38,13 @@ def trainer_kwargs(cfg) -> tuple[dict, dict]:
     if str(kwargs.get("precision")) not in hardware.PRECISIONS and not str(kwargs.get("precision")).isdigit():
         raise ConfigError("trainer.precision", f"unknown precision {kwargs.get('precision')!r}",
                           f"choose one of {', '.join(hardware.PRECISIONS)}")
-    kwargs["precision"] = hardware.resolve_precision(str(kwargs["precision"]), str(kwargs.get("accelerator", "auto")))
+    requested = str(kwargs["precision"])
+    kwargs["precision"] = hardware.resolve_precision(requested, str(kwargs.get("accelerator", "auto")))
+    # what a hardware-dependent default resolved to, and why: metrics.json "decisions"
+    extra["decisions"] = {
+        "precision": hardware.precision_reason(requested, str(kwargs.get("accelerator", "auto")), kwargs["precision"]),
+        "compile": "on (trainer.compile=true)" if extra.get("compile") else "off (trainer.compile=false: the default on CPU)",
+    }
     overfit = kwargs.pop("overfit_batches", 0) or 0
     if overfit:
         # debug=overfit: bigml's loaders serve the same first batches every epoch themselves
@@ -49,6 +55,18 @@ def trainer_kwargs(cfg) -> tuple[dict, dict]:
     if kwargs.get("max_epochs") is None and kwargs.get("max_steps", -1) in (-1, None):
         raise ConfigError("trainer.max_steps", "neither max_steps nor max_epochs is set", "set one of them")
     return kwargs, extra
+
+
+def compile_model(model) -> None:
+    """trainer.compile=true: torch.compile the model's forward (Module.compile keeps parameter names,
+    so checkpoints and exported weights are unchanged). Once per model; a model that trains through
+    its parts (a GAN's LightningModule) is not compiled, and the log says so."""
+    if model is None or isinstance(model, pl.LightningModule):
+        log.warning("trainer.compile=true: this training loop calls its networks directly; they run eager")
+        return
+    if getattr(model, "_compiled_call_impl", None) is None:
+        model.compile()
+        log.info("torch.compile: the model's forward is compiled at its first steps (slower first steps)")
 
 
 def overfit_batches(cfg) -> int:
@@ -177,6 +195,8 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     kwargs, extra = trainer_kwargs(cfg)
     if extra.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
+    if extra.get("compile"):
+        compile_model(model)
     if kwargs.get("strategy") == "ddp" and extra.get("ddp_timeout_s"):
         kwargs["strategy"] = ddp_strategy(extra["ddp_timeout_s"])  # a dead or hung peer ends the wait
     if kwargs.get("strategy") == "fsdp":
