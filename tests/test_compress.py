@@ -145,6 +145,64 @@ def test_quantize_int4_and_bf16_on_a_causal_lm(cli, tmp_path, causal_lm, corpus,
     assert "tokens/s" in r.err
 
 
+def test_quantize_fp16_halves_the_float_weights(cli, tmp_path, classifier, labeled_csv):
+    import torch
+    from safetensors import safe_open
+
+    run = tmp_path / "fp16"
+    r = compress(cli, run, classifier, "method=quantize", "quantize.dtype=fp16", *_cls(labeled_csv))
+    assert r.code == 0, r.err
+    m = r.metrics(run)
+    with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
+        floats = {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}
+    assert floats == {torch.float16}
+    assert m["after"]["size_mb"] == pytest.approx(m["before"]["size_mb"] / 2, rel=0.15)
+    assert abs(m["after"]["accuracy"] - m["before"]["accuracy"]) <= 0.02
+
+
+def _linear_sparsity(model_dir: Path) -> dict[str, float]:
+    """Share of zeros in each encoder Linear weight, read from the saved file (not from bigml)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            w = f.get_tensor(k)
+            if k.startswith("bert.encoder.") and k.endswith(".weight") and w.ndim == 2:
+                out[k] = float((w == 0).float().mean())
+    return out
+
+
+@pytest.fixture(scope="module")
+def uneven_classifier(tmp_path_factory, classifier) -> Path:
+    """The classifier with one FFN matrix 4x larger than the rest: a global threshold spares it."""
+    import shutil
+
+    import torch
+    from transformers import BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("uneven") / "model"
+    shutil.copytree(classifier, out)
+    model = BertForSequenceClassification.from_pretrained(str(out))
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.weight.mul_(4.0)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_prune_scope_layer_gives_every_linear_the_same_share(cli, tmp_path, uneven_classifier, labeled_csv):
+    shares = {}
+    for scope in ("layer", "global"):
+        r = compress(cli, tmp_path / scope, uneven_classifier, "method=prune", "prune.sparsity=0.5",
+                     f"prune.scope={scope}", *_cls(labeled_csv))
+        assert r.code == 0, r.err
+        shares[scope] = _linear_sparsity(tmp_path / scope / "model")
+    big = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert all(abs(v - 0.5) < 0.01 for v in shares["layer"].values()), shares["layer"]
+    assert shares["global"][big] < 0.2  # the large matrix keeps most of its weights under one threshold
+    assert max(shares["global"].values()) > 0.5
+
+
 # -- prune -----------------------------------------------------------------------------------------
 
 def test_unstructured_prune_with_recovery_says_dense_kernels_gain_nothing(cli, tmp_path, classifier, labeled_csv):
@@ -187,6 +245,35 @@ def test_distill_classifier_to_half(cli, tmp_path, classifier, labeled_csv):
     s = m["stages"][0]
     assert s["student_params"] < s["teacher_params"] and s["steps"] == 4
     assert json.loads((run / "model" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+@pytest.fixture(scope="module")
+def wide_classifier(tmp_path_factory, classifier) -> Path:
+    """The classifier's vocabulary and labels at 256 wide: larger than the bert-tiny preset."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("wide")
+    config = BertConfig.from_pretrained(str(classifier))
+    config.hidden_size, config.intermediate_size, config.num_attention_heads = 256, 1024, 4
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(out))
+    BertTokenizerFast.from_pretrained(str(classifier)).save_pretrained(str(out))
+    return out
+
+
+def test_distill_classifier_to_a_named_preset(cli, tmp_path, wide_classifier, labeled_csv):
+    run = tmp_path / "preset"
+    r = compress(cli, run, wide_classifier, "method=distill", "distill.student=bert-tiny", "distill.steps=3",
+                 *_cls(labeled_csv), *TRAIN)
+    assert r.code == 0, r.err
+    s = r.metrics(run)["stages"][0]
+    config = json.loads((run / "model" / "config.json").read_text())
+    teacher = json.loads((wide_classifier / "config.json").read_text())
+    # the preset's shape (conf/model/bert-tiny.yaml), the teacher's vocabulary and labels
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]) == (2, 128, 2)
+    assert config["vocab_size"] == teacher["vocab_size"] and config["id2label"] == teacher["id2label"]
+    assert s["student_params"] < s["teacher_params"] and s["steps"] == 3
 
 
 def test_distill_causal_lm_on_a_corpus(cli, tmp_path, causal_lm, corpus):
