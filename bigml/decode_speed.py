@@ -309,6 +309,19 @@ def resolve_dtype(precision: str, device: str) -> torch.dtype:
 
 # -- the whole plan -----------------------------------------------------------------------------
 
+def _already_quantized(model) -> str | None:
+    """What a model loaded already quantized (bigml compress, or a checkpoint saved through
+    transformers' quantization) says it is; None for float weights."""
+    config = getattr(model, "config", None)
+    bigml_q = getattr(config, "bigml_quantization", None)
+    if bigml_q:
+        return str(bigml_q.get("scheme") if isinstance(bigml_q, dict) else bigml_q)
+    q = getattr(config, "quantization_config", None)
+    if q:
+        return str(getattr(q, "quant_method", None) or (q.get("quant_method") if isinstance(q, dict) else "quantized"))
+    return None
+
+
 def prepare(model, device: str, precision: str, quantize: str = "none", threads: Any = "auto",
             compile: Any = "auto", rows: int = 1, cache_dir: str | None = None):
     """Cast, quantize and place `model` for decoding `rows` sequences at a time over `steps` steps
@@ -318,8 +331,16 @@ def prepare(model, device: str, precision: str, quantize: str = "none", threads:
     compile = parse_compile(compile)
     reasons: dict[str, str] = {}
     cpu = device == "cpu"
+    prequantized = _already_quantized(model)
+    if prequantized and quantize != "none":
+        raise ConfigError("quantize", f"the model is already quantized ({prequantized})",
+                          "drop quantize= (or start from the unquantized model)")
     if str(precision) == "auto" and cpu:
-        if quantize != "none":
+        if prequantized:
+            # its quantized kernels fixed their activations' dtype when it was saved; fp32 is what
+            # every scheme bigml writes accepts (torch.ao's dynamic int8 takes nothing else)
+            dtype, reasons["precision"] = torch.float32, f"float32 (weights already quantized: {prequantized})"
+        elif quantize != "none":
             dtype, reasons["precision"] = torch.bfloat16, "bf16 (activations of quantized weights)"
         else:
             dtype, reasons["precision"] = race_precision(model, rows=max(rows, 1), cache_dir=cache_dir)

@@ -75,13 +75,46 @@ def plain_loop(steps: int, precision: str, compile_: bool) -> float:
             t0 = time.perf_counter()
         batch = next(it)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = causal_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     return (steps - WARMUP) * 16 * 256 / (time.perf_counter() - t0)
+
+
+def causal_loss(model, batch):
+    """The loss bigml's pretraining computes (the causal-LM task's: fused projection + cross-entropy
+    where it applies), so the plain loop differs from bigml by the framework alone."""
+    from bigml.tasks import get_task
+
+    return get_task("causal_lm").training_loss(model, batch, batch)
+
+
+def loss_steps(precision: str, repeats: int = 6) -> list[list]:
+    """Forward + backward of SHAPE's model on one batch: transformers' loss (full logits) against
+    bigml's fused projection + cross-entropy, interleaved, median ms."""
+    import torch
+
+    from bigml.models.fused_loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    _, _, model = _data_and_model(precision)
+    batch = torch.randint(0, model.config.vocab_size, (16, 256))
+    kinds = {"transformers (logits over the vocabulary, then cross-entropy)": lambda: model(input_ids=batch, labels=batch).loss,
+             "bigml fused projection + cross-entropy": lambda: causal_lm_loss(model, batch)}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for k, fn in kinds.items():
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = fn()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            times[k].append(time.perf_counter() - t)
+    first = statistics.median(next(iter(times.values())))
+    return [[k, f"{statistics.median(v) * 1e3:.0f}", f"{first / statistics.median(v):.2f}x"] for k, v in times.items()]
 
 
 def hf_trainer(steps: int, precision: str, compile_: bool) -> float:
@@ -189,7 +222,7 @@ def profile_step(precision: str, steps: int = 6, top: int = 10) -> list[list]:
     def step():
         batch = next(loader)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = causal_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -250,6 +283,9 @@ def main() -> None:
     if a.variant == "optimizer":
         print(json.dumps(optimizer_steps()))
         return
+    if a.variant and a.variant.startswith("loss-"):
+        print(json.dumps(loss_steps(a.variant.removeprefix("loss-"))))
+        return
     if a.variant and a.variant.startswith("profile-"):
         print(json.dumps(profile_step(a.variant.removeprefix("profile-"))))
         return
@@ -272,6 +308,7 @@ def main() -> None:
 
     default_precision = "bf16" if resolve_precision("auto", "cpu") == "bf16-mixed" else "fp32"
     prof_rows = json.loads(run_json(f"profile-{default_precision}"))
+    loss_rows = json.loads(run_json(f"loss-{default_precision}"))
 
     def command(runner: str, precision: str, c: bool | None) -> str:
         if runner == "bigml":
@@ -313,6 +350,12 @@ default) run at {default:.0f} tokens/s = **{default / hf_best:.2f}x** the HF Tra
 ({hf_best:.0f} tokens/s; target at least 1.8x) on the same machine in the same run. {litgpt_line}
 torch.compile in this run: bigml fp32 {tps["bigml-fp32-compile"] / tps["bigml-fp32"]:.2f}x, bf16
 {tps["bigml-bf16-compile"] / tps["bigml-bf16"]:.2f}x its eager tokens/s (steady state, compile time excluded).
+
+**Loss** (`--variant loss-{default_precision}`): forward + backward of the model on one 16 x 256 batch at
+{default_precision}, transformers' loss against bigml's fused projection + cross-entropy (bigml.models.fused_loss;
+the plain loop above uses bigml's, so its ratio measures the framework alone), interleaved, median of 6:
+
+{table(["loss", "ms per forward + backward", "speed-up"], loss_rows)}
 
 **Optimizer step** (`--variant optimizer`): AdamW over the model's 5.4M parameters, torch's three
 implementations, interleaved, median of 20 steps each:

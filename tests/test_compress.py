@@ -143,6 +143,9 @@ def test_quantize_int4_and_bf16_on_a_causal_lm(cli, tmp_path, causal_lm, corpus,
     r = cli("generate", f"model.path={run / 'model'}", "prompt=the cat", "max_new_tokens=4")
     assert r.code == 0, r.err  # bigml generate loads the compressed model
     assert "tokens/s" in r.err
+    if dtype == "int4":  # and says so when asked to quantize it again at decoding time
+        r = cli("generate", f"model.path={run / 'model'}", "prompt=the cat", "max_new_tokens=4", "quantize=int8")
+        assert r.code == 2 and "already quantized" in r.err.strip().splitlines()[-1]
 
 
 def test_quantize_fp16_halves_the_float_weights(cli, tmp_path, classifier, labeled_csv):

@@ -198,3 +198,39 @@ def test_unwritable_output_directory(cli, corpus, tmp_path):
     assert r.code == 2, r.err
     assert "Traceback" not in r.err
     assert "hydra.run.dir" in r.err or "BIGML_OUTPUT_ROOT" in r.err
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_projection_and_loss_equal_transformers(arch, bf16, monkeypatch):
+    """bigml.models.fused_loss (chunked, gradients in the forward pass) against transformers' own
+    loss: the same loss and the same gradient for every parameter (fp32 to rounding; bf16 to
+    bf16's rounding of the logits' gradient)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from bigml.models import fused_loss
+
+    monkeypatch.setattr(fused_loss, "CHUNK_ROWS", 40)  # several chunks, the last one short
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))
+    model.eval()  # dropout off: both passes see the same network
+    ids = torch.randint(0, 300, (3, 33))
+    grads = []
+    for fn in (lambda: model(input_ids=ids, labels=ids).loss, lambda: fused_loss.causal_lm_loss(model, ids)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fn()
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_loss, ref), (loss, got) = grads
+    assert loss == pytest.approx(ref_loss, abs=1e-5 if not bf16 else 1e-3)
+    tol = 1e-5 if not bf16 else 2e-2
+    for name in ref:
+        scale = float(ref[name].abs().max()) + 1e-12
+        assert float((got[name] - ref[name]).abs().max()) / scale < tol, name
+    model.compile()
+    assert fused_loss.causal_lm_loss(model, ids) is None  # a compiled model keeps its own (compiled) forward

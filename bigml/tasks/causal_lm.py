@@ -48,6 +48,12 @@ class CausalLM(LanguageModelTask):
         return out.loss, out.logits[:, :-1], labels[:, 1:]
 
     def training_loss(self, model, inputs, labels):
+        if labels is inputs:  # pretraining: every next token counts; projection and loss fused, chunked
+            from bigml.models.fused_loss import causal_lm_loss
+
+            loss = causal_lm_loss(model, inputs)
+            if loss is not None:
+                return loss
         return model(input_ids=inputs, labels=labels).loss
 
     def score_block(self, model, ids: torch.Tensor, batch_index: int, **_) -> tuple[torch.Tensor, int, torch.Tensor | None]:
