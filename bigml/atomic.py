@@ -31,7 +31,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,51 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, checksum: bool = Fa
     _write_file_atomically(sums, "".join(f"{d}  {path.name}\n" for d in dict.fromkeys([new, *old])).encode())
     _write_file_atomically(path, data)
     _write_file_atomically(sums, f"{new}  {path.name}\n".encode())
+
+
+class _HashingWriter:
+    """A binary file that hashes what passes through it (the checksum without reading the file back)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_write_stream(path: str | os.PathLike, write: Callable[[Any], None], checksum: bool = False) -> None:
+    """`write(f)` into a temporary file beside `path`, then rename: as `atomic_write_bytes`, without
+    holding the whole content in memory first (a checkpoint with optimizer state is three times the
+    weights; serialized into a buffer, then copied out of it, it doubled the peak memory of a save)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            hashing = _HashingWriter(f)
+            write(hashing)
+            _inject_fault(path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if checksum:  # the same protocol as atomic_write_bytes: both digests listed across the rename
+            sums, new = checksum_path(path), hashing.sha.hexdigest()
+            old = []
+            if sums.exists() and path.exists():
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    old = [d for d, _ in _read_sums(sums)]
+            _write_file_atomically(sums, "".join(f"{d}  {path.name}\n" for d in dict.fromkeys([new, *old])).encode())
+        os.replace(tmp, path)
+        if checksum:
+            _write_file_atomically(sums, f"{new}  {path.name}\n".encode())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def remove_with_checksum(path: str | os.PathLike) -> None:

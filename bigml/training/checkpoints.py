@@ -16,7 +16,6 @@ which are allowed by name (numpy's array reconstruction runs no user code).
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from bigml.atomic import CorruptFile, atomic_write_bytes, remove_with_checksum, verify_file
+from bigml.atomic import CorruptFile, atomic_write_stream, remove_with_checksum, verify_file
 from bigml.errors import UsageError
 from bigml.run_dir import latest_resumable_run, output_root
 
@@ -158,9 +157,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getvalue(), checksum=True)
+        atomic_write_stream(path, lambda f: torch.save(checkpoint, f), checksum=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         if "://" in str(path):
