@@ -41,6 +41,15 @@ def run(cmd: list[str], env: dict, log: list[str]) -> tuple[float, str]:
     return wall, err
 
 
+def embedding_share(model_dir: Path) -> tuple[int, int]:
+    """(parameters in the embedding layer, all parameters) of a model directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    emb = sum(p.numel() for p in model.base_model.embeddings.parameters())
+    return emb, sum(p.numel() for p in model.parameters())
+
+
 def variants_side_by_side(model_dir: Path, quick: bool) -> list[list[object]]:
     """Latency of one 8 x 128 batch for every CPU variant, interleaved round by round."""
     import copy
@@ -208,6 +217,14 @@ def main() -> int:
                         f"size {pr['before']['size_mb']:.1f} -> {pa['size_mb']:.1f} MB, latency {pr['before']['latency_ms']:.0f} -> "
                         f"{pa['latency_ms']:.0f} ms (dense kernels: no gain expected)", "met" if pl <= 2 else "missed"])
     lines += ["### Goals", "", table(["goal", "measured", "result"], goal_rows), ""]
+    emb, total = embedding_share(teacher)
+    lines += [f"Why half the parameters is hard with this teacher: its token and position embeddings hold "
+              f"{emb / 1e6:.1f}M of its {total / 1e6:.1f}M parameters ({emb / total:.0%}). A student that keeps the "
+              f"teacher's vocabulary and width (the only kind initialized from the teacher, e.g. `distill.student=half`) "
+              f"is above half the parameters even with no layers at all; below half takes a narrower student (a "
+              f"preset such as bert-mini, randomly initialized, so distillation has to teach it everything from "
+              f"{ft.get('train_examples', '~3,000')} tweets) or a smaller vocabulary (trimming the tokens the data never uses, "
+              f"which bigml does not do yet).", ""]
 
     lines += ["### Every stage (metrics.json of each run)", ""]
     rows = []

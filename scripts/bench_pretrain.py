@@ -73,15 +73,21 @@ def plain_loop(steps: int, precision: str, compile_: bool) -> float:
     for step in range(steps):
         if step == WARMUP:
             t0 = time.perf_counter()
-        batch = next(it)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = causal_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, next(it), opt, bf16)
         sched.step()
-        opt.zero_grad(set_to_none=True)
     return (steps - WARMUP) * 16 * 256 / (time.perf_counter() - t0)
+
+
+def train_step(model, batch, opt, bf16: bool) -> None:
+    """One optimizer step of the hand-written loop (also what the profile measures)."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = causal_loss(model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def causal_loss(model, batch):
@@ -219,20 +225,11 @@ def profile_step(precision: str, steps: int = 6, top: int = 10) -> list[list]:
     opt = build_optimizer(OmegaConf.to_container(cfg.optimizer), model)
     bf16 = precision == "bf16"
 
-    def step():
-        batch = next(loader)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = causal_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for _ in range(3):
-        step()
+        train_step(model, next(loader), opt, bf16)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            step()
+            train_step(model, next(loader), opt, bf16)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
