@@ -52,7 +52,7 @@ def classifier(tmp_path_factory, labeled_csv) -> Path:
     out = tmp_path_factory.mktemp("classifier")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for ws in _CUE.values() for w in ws} | set(_FILLER))]
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), model_max_length=64)
+    tok = BertTokenizerFast(vocab=str(out / "vocab.txt"), model_max_length=64)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=3,
                         id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
@@ -235,6 +235,57 @@ def test_structured_prune_really_shrinks(cli, tmp_path, classifier, labeled_csv,
 
     model = AutoModelForSequenceClassification.from_pretrained(str(run / "model"))
     assert sum(p.numel() for p in model.parameters()) == m["after"]["params"]
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_classifier(tmp_path_factory) -> Path:
+    """A classifier whose WordPiece vocabulary holds 300 words the data never uses."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("wide-vocab")
+    words = sorted({w for ws in _CUE.values() for w in ws} | set(_FILLER))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"unused{i}" for i in range(300)], *words]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab=str(out / "vocab.txt"), model_max_length=64)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).eval().save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def test_prune_vocab_keeps_only_used_tokens_and_the_same_predictions(cli, tmp_path, wide_vocab_classifier, labeled_csv):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path / "vocab"
+    r = compress(cli, run, wide_vocab_classifier, "method=prune", "prune.structured=vocab", *_cls(labeled_csv))
+    assert r.code == 0, r.err
+    m = r.metrics(run)
+    s = m["stages"][0]
+    n_words = len({w for ws in _CUE.values() for w in ws} | set(_FILLER))
+    assert s["vocab_before"] == 5 + 300 + n_words and s["vocab_kept"] <= 5 + n_words
+    assert m["after"]["params"] == m["before"]["params"] - 32 * (s["vocab_before"] - s["vocab_kept"])
+    # plain transformers loads the trimmed pair; every text of the data gets the very same logits
+    new_tok, old_tok = AutoTokenizer.from_pretrained(str(run / "model")), AutoTokenizer.from_pretrained(str(wide_vocab_classifier))
+    new = AutoModelForSequenceClassification.from_pretrained(str(run / "model")).eval()
+    old = AutoModelForSequenceClassification.from_pretrained(str(wide_vocab_classifier)).eval()
+    assert len(new_tok) == s["vocab_kept"] == new.config.vocab_size
+    texts = [line.split(",", 1)[1] for line in labeled_csv.read_text().splitlines()[1:40]]
+    with torch.no_grad():
+        a = new(**new_tok(texts, padding=True, return_tensors="pt")).logits
+        b = old(**old_tok(texts, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    assert m["after"]["accuracy"] == m["before"]["accuracy"]
+    assert new_tok.decode(new_tok("the sad table")["input_ids"], skip_special_tokens=True) == "the sad table"
+
+
+def test_prune_vocab_refuses_a_byte_level_language_model(cli, tmp_path, causal_lm, corpus):
+    r = compress(cli, tmp_path / "v", causal_lm, "method=prune", "prune.structured=vocab", *_lm(corpus))
+    assert r.code == 2 and "WordPiece" in r.err.strip().splitlines()[-1]
 
 
 # -- distill ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval-models")
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(_POS + _NEG + _FILL))]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab))
+    tok = BertTokenizerFast(vocab=str(vocab))
     torch.manual_seed(0)
     small = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                  intermediate_size=32, max_position_embeddings=64)

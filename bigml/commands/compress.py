@@ -171,6 +171,15 @@ def stage_prune(cfg, run_dir, index, model, task, tokenizer) -> tuple[Any, None,
         modules = prune.apply_unstructured(m, sparsity, str(p.scope))
         info["note"] = ("unstructured sparsity: the zeros stay in dense tensors, so with dense kernels "
                         "size on disk and latency do not change")
+    elif structured == "vocab":  # the tokens the training split uses; prune.sparsity does not apply
+        from bigml.compression import vocab
+
+        vocab.check_supported(m, tokenizer)
+        keep = vocab.used_ids(task.training_batches(cfg, tokenizer, m, int(cfg.data.get("batch_size") or 16)), tokenizer)
+        info.update(sparsity_target=None, vocab_before=int(m.config.vocab_size), vocab_kept=len(keep))
+        m, tokenizer = vocab.trim(m, tokenizer, keep)
+        info["tokenizer"] = tokenizer  # the run goes on with it (taken out before the info is recorded)
+        log.info("vocabulary: kept %d of %d tokens (those the training split uses)", len(keep), info["vocab_before"])
     elif structured == "ffn":
         info["ffn_neurons_kept"] = prune.prune_ffn(m, sparsity)
     else:
@@ -289,6 +298,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             new, state_dict, info = stage_distill(cfg, run_dir, i, current, task, tokenizer)
         info["time_s"] = round(time.perf_counter() - t0, 2)
+        tokenizer = info.pop("tokenizer", tokenizer)  # prune.structured=vocab renumbers the tokens
         history.append({"method": method, **{k: v for k, v in info.items() if k not in ("recovery", "note")}})
         setattr(new.config, storage.HISTORY_KEY, history)
         meta = {"command": "compress", "methods": methods, "stage": i, "source": path, "run_dir": str(run_dir.path)}

@@ -26,7 +26,7 @@ from bigml.errors import ConfigError, UsageError
 
 log = logging.getLogger("bigml")
 
-STRUCTURED = ("ffn", "layers")
+STRUCTURED = ("ffn", "layers", "vocab")  # vocab: bigml.compression.vocab
 SCOPES = ("global", "layer")
 _HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs")
 
