@@ -204,16 +204,17 @@ def main() -> None:
         sched = peer_spec("full", split, model)["scheduler"]["name"]
         env = {"BIGML_CACHE_DIR": f"{tmp}/cache", "CI": "1", "HF_HUB_OFFLINE": "1"}
 
-        def bigml(method: str) -> None:
-            args = [f"model.path={model}", *data_args(split["files"]), *METHODS[method], "logger=none",
-                    f"hydra.run.dir={tmp}/bigml-{method}"]
+        def bigml(method: str, *extra: str, label: str = "") -> None:
+            run = f"bigml-{method}{label.replace(' ', '-')}"
+            args = [f"model.path={model}", *data_args(split["files"]), *METHODS[method], *extra, "logger=none",
+                    f"hydra.run.dir={tmp}/{run}"]
             rss, _, m = peak_rss_of(["finetune", *args], env)
-            preds = read_jsonl(Path(tmp, f"bigml-{method}", "predictions.jsonl"))
+            preds = read_jsonl(Path(tmp, run, "predictions.jsonl"))
             acc = sum(p["label"] == p["predicted"] for p in preds) / len(preds)
             if abs(acc - m["test_accuracy"]) > 1e-6:  # bigml's own (micro) accuracy must be the same figure
                 raise RuntimeError(f"bigml {method}: test accuracy {m['test_accuracy']} vs {acc} from predictions.jsonl")
-            res[f"bigml {'LoRA' if method == 'lora' else method}"] = {
-                **m, "rss": rss, "test_accuracy": acc, "command": f"`bigml finetune {' '.join(METHODS[method])}`"}
+            res[f"bigml {'LoRA' if method == 'lora' else method}{label}"] = {
+                **m, "rss": rss, "test_accuracy": acc, "command": f"`bigml finetune {' '.join([*METHODS[method], *extra])}`"}
 
         def peer(name: str, method: str, **extra) -> None:
             spec = Path(tmp, f"{name}.spec.json")
@@ -228,11 +229,12 @@ def main() -> None:
         bigml("full")
         peer("hf-bf16", "full")
         bigml("lora")
+        bigml("full", "trainer.compile=true", label=" compile")  # torch.compile: dynamic shapes, compile time included
         # the LoRA peer at the precision bigml's precision=auto picked for LoRA
         peer("hf-lora", "lora", bf16=str(res["bigml LoRA"]["precision"]).startswith("bf16"))
     for v in res.values():
         v["sps"] = v["train_examples"] * EPOCHS / v["train_time_s"]
-    order = ["bigml full", "hf-fp32", "hf-bf16", "bigml LoRA", "hf-lora"]
+    order = ["bigml full", "hf-fp32", "hf-bf16", "bigml LoRA", "hf-lora", "bigml full compile"]
     for k in order:
         v = res[k]
         share = v["trainable_params"] / v["params"]
@@ -271,13 +273,16 @@ evaluation at the end of the epoch. hf-lora runs at the precision bigml's `preci
 Train s is the fit (bigml's `trainer.fit`, HF's `train_runtime`: the end-of-epoch validation included,
 model loading and test scoring not); samples/s is training samples x epochs / train s. Test accuracy is
 argmax over fp32 logits vs labels on the same test rows for every variant; peak RSS is each subprocess's,
-sampled every 50 ms. Order of the runs: hf-fp32, bigml full, hf-bf16, bigml LoRA, hf-lora.
+sampled every 50 ms. Order of the runs: hf-fp32, bigml full, hf-bf16, bigml LoRA, hf-lora, bigml full compile.
 
 {table(["variant", "command", "precision", "trainable parameters", "train s", "samples/s", "test accuracy", "peak RSS MiB"], rows)}
 
 - **bigml full / the faster HF full ({best}): {ratio:.2f}x samples/s**, test accuracy {full['test_accuracy']:.3f}
   vs {res[best]['test_accuracy']:.3f} (binomial standard error ~{se:.3f} on {split['n_test']} test rows).
   Goal: at least {GOAL}x with equal or better test accuracy: **{verdict}**{' (' + '; '.join(why) + ')' if why else ''}.
+- bigml full with `trainer.compile=true` (compilation inside the fit time): {res['bigml full compile']['sps'] / res[best]['sps']:.2f}x
+  the faster HF full, {res['bigml full compile']['sps'] / full['sps']:.2f}x bigml's eager default; test accuracy
+  {res['bigml full compile']['test_accuracy']:.3f}.
 - **bigml LoRA / hf-lora: {lora_ratio:.2f}x samples/s**, test accuracy {lora['test_accuracy']:.3f} vs
   {hf_lora['test_accuracy']:.3f}.
 
