@@ -38,6 +38,9 @@ faults: install  ## inject faults at random points many times -> RELIABILITY.md 
 bench-peers:  ## LitGPT in its own venv (.bench/litgpt), so `make bench BENCH=pretrain` measures it too
 	$(PYTHON) -m venv .bench/litgpt
 	.bench/litgpt/bin/python -m pip install -q $(TORCH) litgpt==0.5.13 litdata
+	# a dependency pulls the newest torchvision, built for another torch: importing litgpt then fails on
+	# torchvision::nms; LitGPT's pretraining does not use torchvision
+	.bench/litgpt/bin/python -m pip uninstall -y -q torchvision
 
 lint: install
 	$(BIN)/ruff check bigml tests scripts
