@@ -70,6 +70,10 @@ def test_debug_presets(cli, corpus, tmp_path):
     trace = json.loads((tmp_path / "prof" / "profiler" / "trace.json").read_text())  # a Chrome trace in the run dir
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
     assert "Self CPU" in (tmp_path / "prof" / "profiler" / "operators.txt").read_text()
+    ops = json.loads((tmp_path / "prof" / "profiler" / "operators.json").read_text())
+    assert ops["steps"] == 5 and ops["operators"][0]["share"] >= ops["operators"][-1]["share"]
+    assert 0.3 < sum(o["share"] for o in ops["operators"]) <= 1.0 + 1e-6  # shares of the whole, top 30 listed
+    assert any(o["name"] in ("aten::mm", "aten::addmm") for o in ops["operators"])
     r = cli("pretrain", *PRETRAIN, f"data.path={corpus}", "debug=overfit", "trainer.max_steps=60",
             "trainer.val_check_interval=30", f"hydra.run.dir={tmp_path / 'overfit'}")
     assert r.code == 0, r.err

@@ -1,5 +1,6 @@
 """debug=profiler: the PyTorch profiler over a few training steps, written to the run directory as
-a Chrome trace (chrome://tracing, Perfetto) and an operator table.
+a Chrome trace (chrome://tracing, Perfetto) and an operator table (operators.txt, and operators.json:
+the operators by self CPU time with their share of the total).
 
 A callback around torch.profiler rather than Lightning's PyTorchProfiler, which breaks when a run
 calls validate, fit and validate again (as bigml pretrain does) and gives no trace for short runs.
@@ -7,6 +8,7 @@ calls validate, fit and validate again (as bigml pretrain does) and gives no tra
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -47,4 +49,10 @@ class TorchProfile(pl.Callback):
         prof.export_chrome_trace(str(trace))
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.row_limit)
         (self.dirpath / "operators.txt").write_text(table + "\n")
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        rows = [{"name": e.key, "self_cpu_time_us": round(e.self_cpu_time_total, 1), "calls": e.count,
+                 "share": round(e.self_cpu_time_total / total, 4)} for e in events[:self.row_limit]]
+        (self.dirpath / "operators.json").write_text(json.dumps({"steps": self.steps, "operators": rows}, indent=1) + "\n")
         log.info("profiler: %d steps -> %s (Chrome trace) and %s", self.steps, trace, self.dirpath / "operators.txt")
