@@ -123,8 +123,10 @@ def train(cfg: DictConfig, run_dir: RunDir, name: str, student, task: Task, toke
     student.eval()
     losses = module.losses
     tail = losses[-20:]
+    head = losses[:20]
     return {"steps": trainer.global_step, "train_time_s": round(time.perf_counter() - t0, 2),
-            "train_loss": round(sum(tail) / len(tail), 6) if tail else None}
+            "train_loss_first": round(sum(head) / len(head), 6) if head else None,  # mean of the first 20 steps
+            "train_loss": round(sum(tail) / len(tail), 6) if tail else None}           # ... and of the last 20
 
 
 # -- stages ---------------------------------------------------------------------------------------
