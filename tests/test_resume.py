@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -47,6 +48,28 @@ def test_resume_from_a_directory_without_checkpoints(cli, corpus, tmp_path):
     (tmp_path / "nothing").mkdir()
     r = cli("pretrain", *TINY_RUN, *TINY_GPT, f"data.path={corpus}", f"resume={tmp_path / 'nothing'}")
     assert r.code == 2 and "no readable checkpoint" in r.err
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(cli, corpus, tmp_path, monkeypatch):
+    """SIGKILL in the middle of the first checkpoint write leaves a run directory with no checkpoint:
+    resuming it trains from step 0 there (nothing else to lose), to the same end as a fresh run."""
+    import sys
+
+    run = tmp_path / "killed"
+    args = [*TINY_RUN, *TINY_GPT, f"data.path={corpus}", "trainer.precision=32-true"]
+    env = {**os.environ, "BIGML_FAULT": "kill:.ckpt:1", "CI": "1"}
+    p = subprocess.run([sys.executable, "-m", "bigml", "pretrain", *args, f"hydra.run.dir={run}"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert not list((run / "checkpoints").glob("*.ckpt"))
+    r = cli("pretrain", *args, f"resume={run}")
+    assert r.code == 0, r.err
+    assert "starts again from step 0" in r.err
+    ref = cli("pretrain", *args, f"hydra.run.dir={tmp_path / 'ref'}")
+    assert ref.code == 0
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, tmp_path / "ref"))
+    assert got["status"] == "completed" and got["step"] == want["step"]
+    assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-5)
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

@@ -126,7 +126,10 @@ def resolve_resume_dir(value: str, command: str, root: str | None = None) -> Pat
         return p.parent.parent if p.parent.name == "checkpoints" else p.parent
     if p.is_dir():
         if pick_checkpoint(p) is None:
-            raise UsageError(f"resume={value}: no readable checkpoint in {p / 'checkpoints'}")
+            if not _killed_before_first_checkpoint(p):
+                raise UsageError(f"resume={value}: no readable checkpoint in {p / 'checkpoints'}")
+            log.warning("resume=%s: the run stopped before its first complete checkpoint; training starts again "
+                        "from step 0 in the same directory", value)
         return p
     raise UsageError(f"resume={value}: no such run directory or checkpoint file; use resume=auto or a run directory")
 
@@ -139,9 +142,24 @@ def resume_checkpoint(value: str | None, run_dir: Path) -> Path | None:
     if p.is_file() and p.suffix == ".ckpt":
         return p
     ckpt = pick_checkpoint(run_dir)
-    if ckpt is None and value != "auto":
+    if ckpt is None and value != "auto" and not _killed_before_first_checkpoint(run_dir):
         raise UsageError(f"resume={value}: no readable checkpoint in {run_dir / 'checkpoints'}")
     return ckpt
+
+
+def _killed_before_first_checkpoint(run_dir: Path) -> bool:
+    """A run directory bigml started (Hydra's .hydra/ is written first) that never finished and holds
+    no checkpoint: killed before its first one completed. Resuming it means starting over in it;
+    any other directory without checkpoints is a wrong path."""
+    import json
+
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        return False
+    try:
+        status = json.loads((run_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    return status != "completed"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
