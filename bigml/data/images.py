@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigml.data.tensor_rows import TensorRows
 from bigml.errors import ConfigError, DataError
 
 log = logging.getLogger("bigml")
@@ -282,33 +283,16 @@ def fit_images(images: np.ndarray, size: tuple[int, int], channels: int) -> np.n
     return np.ascontiguousarray(images)
 
 
-class PixelTensors(torch.utils.data.Dataset):
-    """An encoded split: uint8 images at the model's size, label ids. `__getitems__` lets a
-    DataLoader fetch a whole batch with one indexing operation."""
+class PixelTensors(TensorRows):
+    """An encoded split: uint8 images at the model's size, label ids."""
+
+    input_attr, batch_key, columns = "images", "images", ("pixel_values", "labels")
 
     def __init__(self, images: np.ndarray, labels: list[int] | None, rows: ImageRows | None = None):
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.tensor(labels if labels is not None else [-1] * len(images), dtype=torch.long)
         self.rows = rows
         self.truncated = 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        if isinstance(i, str):  # column access, as on a datasets.Dataset (class weights count labels)
-            if i == "labels":
-                return self.labels.tolist()
-            raise KeyError(i)
-        return self.__getitems__([i])
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"images": self.images[idx], "labels": self.labels[idx]}
-
-    @property
-    def column_names(self) -> list[str]:
-        return ["pixel_values", "labels"]
 
 
 class PixelBatcher:

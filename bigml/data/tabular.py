@@ -20,6 +20,7 @@ import datasets
 import numpy as np
 import torch
 
+from bigml.data.tensor_rows import TensorRows
 from bigml.errors import ConfigError, DataError
 
 # name -> (scikit-learn loader, whether the target is a class)
@@ -130,31 +131,15 @@ class TableInputs:
         pass
 
 
-class TableTensors(torch.utils.data.Dataset):
-    """float32 features (N, F) and labels; a DataLoader fetches a batch with one indexing operation."""
+class TableTensors(TensorRows):
+    """float32 features (N, F) and labels."""
+
+    input_attr, batch_key, columns = "features", "features", ("features", "labels")
 
     def __init__(self, features: np.ndarray, labels: list, float_labels: bool):
         self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         self.labels = torch.tensor(labels, dtype=torch.float32 if float_labels else torch.long)
         self.truncated = 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        if isinstance(i, str):
-            if i == "labels":
-                return self.labels.tolist()
-            raise KeyError(i)
-        return self.__getitems__([i])
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"features": self.features[idx], "labels": self.labels[idx]}
-
-    @property
-    def column_names(self) -> list[str]:
-        return ["features", "labels"]
 
 
 def standardization(features: np.ndarray, targets: np.ndarray | None) -> dict:
