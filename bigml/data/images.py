@@ -206,7 +206,7 @@ def read_image_splits(data_cfg, seed: int, need_train: bool = True, need_classes
     """Train / val / test ImageRows: from data.path (+ data.val_path, data.test_path) or a built-in
     dataset, carved with `seed` like labeled tables (per class when `stratify`). `need_train=False`
     (eval) keeps data.path whole as `all`."""
-    from bigml.data.labeled import RawSplits, _carve
+    from bigml.data.labeled import RawSplits, carve_missing
 
     size = data_cfg.get("image_size")
     size = (int(size), int(size)) if isinstance(size, int) else (tuple(int(s) for s in size) if size else None)
@@ -233,12 +233,7 @@ def read_image_splits(data_cfg, seed: int, need_train: bool = True, need_classes
 
     val, test = other("val_path"), other("test_path")
     test = test if test is not None else own_test
-    train = main
-    if main is not None:
-        if test is None and float(data_cfg.get("test_fraction") or 0) > 0:
-            train, test = _carve(train, float(data_cfg.test_fraction), seed, stratify)
-        if val is None and float(data_cfg.get("val_fraction") or 0) > 0:
-            train, val = _carve(train, float(data_cfg.val_fraction), seed + 1, stratify)
+    train, val, test = carve_missing(main, val, test, data_cfg, seed, stratify)
     if need_train and (train is None or len(train) == 0):
         raise DataError("data: no training images; set data.path=<folder per class> or data=digits | fashion-mnist")
     raw = RawSplits(train=train, val=val, test=test, all=None if from_builtin else main)

@@ -143,6 +143,18 @@ def _normalize(ds: datasets.Dataset, task, sep: str | None, where: str) -> datas
     return task.normalize_labels(ds, sep, where)
 
 
+def carve_missing(main, val, test, data_cfg, seed: int, stratify: bool):
+    """(train, val, test): the splits not given as files carved from `main` by data.test_fraction and
+    data.val_fraction, seeded (labeled rows and images alike: `_carve` needs only len and select)."""
+    train = main
+    if main is not None:
+        if test is None and float(data_cfg.get("test_fraction") or 0) > 0:
+            train, test = _carve(train, float(data_cfg.test_fraction), seed, stratify)
+        if val is None and float(data_cfg.get("val_fraction") or 0) > 0:
+            train, val = _carve(train, float(data_cfg.val_fraction), seed + 1, stratify)
+    return train, val, test
+
+
 def _carve(ds: datasets.Dataset, fraction: float, seed: int, stratify: bool) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(rest, carved): `fraction` of the rows, per label when stratified, with a fixed seed."""
     rng = np.random.default_rng(seed)
@@ -211,12 +223,7 @@ def read_table_splits(data_cfg, seed: int, prepare, *, need_train: bool = True, 
         main = main.flatten_indices()
     val = load(str(data_cfg.val_path), "data.val_path") if data_cfg.get("val_path") else None
     test = load(str(data_cfg.test_path), "data.test_path") if data_cfg.get("test_path") else None
-    train = main
-    if main is not None:
-        if test is None and float(data_cfg.get("test_fraction") or 0) > 0:
-            train, test = _carve(train, float(data_cfg.test_fraction), seed, stratify)
-        if val is None and float(data_cfg.get("val_fraction") or 0) > 0:
-            train, val = _carve(train, float(data_cfg.val_fraction), seed + 1, stratify)
+    train, val, test = carve_missing(main, val, test, data_cfg, seed, stratify)
     if need_train and (train is None or len(train) == 0):
         raise DataError("data: no training rows; set data.path")
     raw = RawSplits(train=train, val=val, test=test, all=main, bad_rows_skipped=skipped[0])

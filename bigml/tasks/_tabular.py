@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from bigml.errors import ConfigError, DataError
-from bigml.tasks.image_classification import _refuse_lora, read_model_config
+from bigml.tasks.image_classification import read_model_config, require_input
 
 log = logging.getLogger("bigml")
 
@@ -25,13 +25,8 @@ class TabularInputs:
         return getattr(config, "model_type", None) == "bigml_tabular" and self._claims_head(config)
 
     def for_config(self, cfg):
-        from bigml.data.modality import input_kind
-
-        kind = input_kind(cfg)
-        if kind != "tabular":
-            raise ConfigError("task", f"{self.name} needs a table of numbers, and this model and data are {kind}",
-                              "use model=linear | model=mlp with data.path=<CSV / parquet of numeric columns>")
-        _refuse_lora(cfg, "tabular models")
+        require_input(cfg, "tabular", self.name, "a table of numbers",
+                      "use model=linear | model=mlp with data.path=<CSV / parquet of numeric columns>", "tabular models")
         return self
 
     # -- data ----------------------------------------------------------------------------------

@@ -20,6 +20,17 @@ from bigml.errors import ConfigError, DataError
 from bigml.tasks.classification import Classification
 
 
+def require_input(cfg, kind: str, task_name: str, needs: str, hint: str, what: str) -> None:
+    """The data and model of `cfg` are of input `kind` (bigml.data.modality), and no adapter method
+    is asked for (LoRA adapts transformer layers of text models): else one ConfigError."""
+    from bigml.data.modality import input_kind
+
+    found = input_kind(cfg)
+    if found != kind:
+        raise ConfigError("task", f"{task_name} needs {needs}, and this model and data are {found}", hint)
+    _refuse_lora(cfg, what)
+
+
 def _refuse_lora(cfg, what: str) -> None:
     method = cfg.get("method")
     if method is not None and method.get("name") not in (None, "full"):
@@ -54,13 +65,9 @@ class ImageClassification(Classification):
         return bool(archs) and archs[0].endswith("ForImageClassification")
 
     def for_config(self, cfg):
-        from bigml.data.modality import input_kind
-
-        kind = input_kind(cfg)
-        if kind != "image":
-            raise ConfigError("task", f"image-classification needs images, and this model and data are {kind}",
-                              "use model=mlp | cnn | vit-tiny with data=digits | fashion-mnist | data.path=<folder per class>")
-        _refuse_lora(cfg, "image models")
+        require_input(cfg, "image", "image-classification", "images",
+                      "use model=mlp | cnn | vit-tiny with data=digits | fashion-mnist | data.path=<folder per class>",
+                      "image models")
         return self
 
     # -- data ----------------------------------------------------------------------------------
