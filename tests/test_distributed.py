@@ -44,7 +44,8 @@ def test_torchrun_launch_writes_one_run_directory(env, corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "bigml", "pretrain", *ARGS,
            f"data.path={corpus}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=4"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    # the summary table is rank 0's; what a failing rank printed (gloo's "terminate called ...") is not in it
+    assert p.returncode == 0, "\n".join(line for line in p.stderr.splitlines() if not line.strip().startswith("│"))[-6000:]
     runs = list(Path(env["BIGML_OUTPUT_ROOT"]).glob("pretrain/*"))
     assert len(runs) == 1 and runs[0].name.endswith("-torchrun")
     m = json.loads((runs[0] / "metrics.json").read_text())

@@ -25,7 +25,7 @@ from bigml.run_dir import (
     quiet_libraries,
     setup_console_logging,
 )
-from bigml.training.distributed import PeerLost
+from bigml.training.distributed import PeerLost, finish_process_group
 
 log = logging.getLogger("bigml")
 
@@ -56,7 +56,9 @@ def run_job(command: str, fn: Callable[[DictConfig], dict[str, Any]] | str, cfg:
         from bigml.training.preemption import preemption_signals
 
         with preemption_signals():  # SIGTERM / SIGUSR1: checkpoint at the next step, exit 143
-            return fn(cfg)
+            result = fn(cfg)
+        finish_process_group()  # DDP: every process ends together (no-op in a single process)
+        return result
     except UsageError as e:
         if multirun and is_global_zero_process():  # a sweep's summary must say why this job failed
             RunDir(out).write_metrics({"command": command, "error": str(e)}, status="failed")

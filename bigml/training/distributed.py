@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import signal
+import sys
 from datetime import timedelta
 
 from bigml.errors import BigmlError
@@ -60,6 +61,24 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent died before the call: nobody is left to kill us
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def finish_process_group() -> None:
+    """After a command succeeds under DDP: wait for every process, then take the process group down.
+
+    Without this each process tears gloo down in its own interpreter exit; rank 1 (which writes
+    nothing) exits first and a peer still closing its sockets can abort (SIGABRT from gloo's
+    I/O thread, seen once in CI under torchrun). PyTorch asks programs to call
+    destroy_process_group() before they exit; Lightning leaves the group up on purpose."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no group
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except RuntimeError as e:  # a peer died after this process's share of the work was done
+        log.warning("another process of this run did not finish cleanly (%s)", str(e).splitlines()[0][:160])
+    finally:
+        dist.destroy_process_group()
 
 
 def ddp_strategy(timeout_s: float | None):
