@@ -228,6 +228,7 @@ def main() -> None:
         peer("hf-fp32", "full")
         bigml("full")
         peer("hf-bf16", "full")
+        bigml("full", "trainer.dropout_masks=torch", label=" torch masks")  # what the hash masks gain
         bigml("lora")
         bigml("full", "trainer.compile=true", label=" compile")  # torch.compile: dynamic shapes, compile time included
         # where a full-finetuning step's time goes: bigml's debug=profiler (5 steps after 2 warm-up ones)
@@ -239,7 +240,7 @@ def main() -> None:
         peer("hf-lora", "lora", bf16=str(res["bigml LoRA"]["precision"]).startswith("bf16"))
     for v in res.values():
         v["sps"] = v["train_examples"] * EPOCHS / v["train_time_s"]
-    order = ["bigml full", "hf-fp32", "hf-bf16", "bigml LoRA", "hf-lora", "bigml full compile"]
+    order = ["bigml full", "bigml full torch masks", "hf-fp32", "hf-bf16", "bigml LoRA", "hf-lora", "bigml full compile"]
     for k in order:
         v = res[k]
         share = v["trainable_params"] / v["params"]
@@ -281,24 +282,29 @@ evaluation at the end of the epoch. hf-lora runs at the precision bigml's `preci
 Train s is the fit (bigml's `trainer.fit`, HF's `train_runtime`: the end-of-epoch validation included,
 model loading and test scoring not); samples/s is training samples x epochs / train s. Test accuracy is
 argmax over fp32 logits vs labels on the same test rows for every variant; peak RSS is each subprocess's,
-sampled every 50 ms. Order of the runs: hf-fp32, bigml full, hf-bf16, bigml LoRA, hf-lora, bigml full compile.
+sampled every 50 ms. Order of the runs: hf-fp32, bigml full, hf-bf16, bigml full torch masks, bigml LoRA, bigml full compile,
+the profile, hf-lora.
 
 {table(["variant", "command", "precision", "trainable parameters", "train s", "samples/s", "test accuracy", "peak RSS MiB"], rows)}
 
 - **bigml full / the faster HF full ({best}): {ratio:.2f}x samples/s**, test accuracy {full['test_accuracy']:.3f}
   vs {res[best]['test_accuracy']:.3f} (binomial standard error ~{se:.3f} on {split['n_test']} test rows).
   Goal: at least {GOAL}x with equal or better test accuracy: **{verdict}**{' (' + '; '.join(why) + ')' if why else ''}.
+- bigml's hash dropout masks (the CPU default, bigml.models.fast_dropout) against torch's
+  (`trainer.dropout_masks=torch`): {full['sps'] / res['bigml full torch masks']['sps']:.2f}x samples/s, test accuracy
+  {full['test_accuracy']:.3f} vs {res['bigml full torch masks']['test_accuracy']:.3f}. Tweets are short (length-grouped
+  batches of a few dozen tokens), so the masks are a smaller share here than in BERT pretraining (pretraining section).
 - bigml full with `trainer.compile=true` (compilation inside the fit time): {res['bigml full compile']['sps'] / res[best]['sps']:.2f}x
   the faster HF full, {res['bigml full compile']['sps'] / full['sps']:.2f}x bigml's eager default; test accuracy
   {res['bigml full compile']['test_accuracy']:.3f}.
 - Where a step of bigml's full finetuning goes (`bigml finetune <the same args> debug=profiler`: torch.profiler
   over {profile['steps']} steps, operators by self CPU time): matrix products (`mm`, `addmm`, `bmm`, attention)
-  take {100 * matmul_share:.0f}% of the time; the rest of the top operators are dropout's random masks
-  (`bernoulli_`), autocast's bf16 copies of the weights (`copy_`), the fused AdamW step and gradient
-  clipping. The HF Trainer runs these same operators on the same batches (same model code, bf16
-  autocast, fused AdamW, clipping, dropout), so the time is in work both must do, not in the
-  framework around it; 1.5x would take less work per step (e.g. no padding at all, or cheaper
-  dropout masks), not a leaner loop:
+  take {100 * matmul_share:.0f}% of the time; the rest of the top operators are autocast's bf16 copies of the
+  weights (`copy_`), the fused AdamW step over all 22.7M parameters (half of them the word embeddings,
+  whose dense gradient is zero-filled each step: `fill_`), gradient clipping, and the hash masks' integer
+  ops. The HF Trainer runs the same model code on the same batches (bf16 autocast, fused AdamW,
+  clipping), so beyond the masks the time is in work both must do, not in the framework around it;
+  1.5x would take less work per step (e.g. no padding at all), not a leaner loop:
 
 {table(["operator", "calls per step", "share of CPU time"], prof_rows)}
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, bigml_cmd, parser, table  # noqa: E402
+from benchlib import REPO, bigml_cmd, parser, table, timeit  # noqa: E402
 
 SHAPE = ["model=gpt-mini", "tokenizer.vocab_size=8192", "data.block_size=256", "data.batch_size=16",
          "optimizer.lr=1e-3", "trainer.gradient_clip_val=1.0"]
@@ -175,6 +175,37 @@ def bigml_run(steps: int, precision: str, compile_: bool) -> float:
     return float(m["tokens_per_sec"])
 
 
+DROPOUT_SHAPE = ["model=bert-small", "data.block_size=128", "data.batch_size=16"]
+
+
+def dropout_masks(rounds: int, steps: int) -> tuple[list[list], list[list]]:
+    """BERT-small pretraining (dropout 0.1) with each kind of dropout mask, interleaved rounds; and
+    one mask over a 16 x 8 x 128 x 128 attention-probability tensor, torch's vs the hash."""
+    import torch
+
+    from bigml.models.fast_dropout import hash_dropout
+
+    tps: dict[str, list[float]] = {"hash": [], "torch": []}
+    losses: dict[str, float] = {}
+    for _ in range(rounds):
+        for kind in tps:
+            with tempfile.TemporaryDirectory() as tmp:
+                bigml_cmd("pretrain", *DROPOUT_SHAPE, f"trainer.max_steps={steps}", f"trainer.dropout_masks={kind}",
+                          f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=4",
+                          "checkpoint.every_n_steps=100000", "logger=none", f"hydra.run.dir={tmp}/run")
+                m = json.loads(Path(tmp, "run", "metrics.json").read_text())
+            tps[kind].append(float(m["tokens_per_sec"]))
+            losses[kind] = float(m["val_loss"])
+    x = torch.randn(16, 8, 128, 128)
+    call = {"torch": lambda: torch.nn.functional.dropout(x, 0.1, True), "hash": lambda: hash_dropout(x, 0.1)}
+    ms = {k: timeit(f, repeat=20, warmup=3)[0] * 1e3 for k, f in call.items()}
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    runs = [[f"`bigml pretrain <bert> trainer.dropout_masks={k}`", f"{med[k]:.0f}", f"{med[k] / med['torch']:.2f}x",
+             f"{losses[k]:.3f}"] for k in ("torch", "hash")]
+    one = [[k, f"{ms[k]:.2f}", f"{ms['torch'] / ms[k]:.1f}x"] for k in ("torch", "hash")]
+    return runs, one
+
+
 def litgpt_run(steps: int, precision: str, compile_: bool) -> float:
     """`litgpt pretrain` (always compiled) on the same shape, through scripts/peer_litgpt.py."""
     prec = {"fp32": "32-true", "bf16": "bf16-mixed"}[precision]
@@ -280,6 +311,9 @@ def main() -> None:
     if a.variant == "optimizer":
         print(json.dumps(optimizer_steps()))
         return
+    if a.variant == "dropout":
+        print(json.dumps(dropout_masks(1 if a.quick else 3, 10 if a.quick else 40)))
+        return
     if a.variant and a.variant.startswith("loss-"):
         print(json.dumps(loss_steps(a.variant.removeprefix("loss-"))))
         return
@@ -306,6 +340,7 @@ def main() -> None:
     default_precision = "bf16" if resolve_precision("auto", "cpu") == "bf16-mixed" else "fp32"
     prof_rows = json.loads(run_json(f"profile-{default_precision}"))
     loss_rows = json.loads(run_json(f"loss-{default_precision}"))
+    mask_runs, mask_one = json.loads(run_json("dropout"))
 
     def command(runner: str, precision: str, c: bool | None) -> str:
         if runner == "bigml":
@@ -358,6 +393,17 @@ the plain loop above uses bigml's, so its ratio measures the framework alone), i
 implementations, interleaved, median of 20 steps each:
 
 {table(["implementation", "ms per step", "speed-up over the loop"], opt_rows)}
+
+**Dropout masks** (`--variant dropout`): BERT pretraining keeps dropout 0.1 (the GPT shape above has none).
+`<bert>` = `{' '.join(DROPOUT_SHAPE)}`, precision auto, tokens/s as above, median of
+{1 if a.quick else 3} interleaved runs; val loss after the last of them (different masks, the same training):
+
+{table(["command", "tokens/s", "vs torch masks", "val loss"], mask_runs)}
+
+One mask over 16 x 8 x 128 x 128 attention probabilities, p = 0.1, median of 20 (bigml.models.fast_dropout
+explains why torch's CPU masks are slow: its generator is sequential):
+
+{table(["masks", "ms per call", "speed-up"], mask_one)}
 
 **Where a step's time goes** (`--variant profile-{default_precision}`: torch.profiler over 6 steps of the
 hand-written loop at the precision `auto` picks here, {default_precision}; operators by their own CPU time):

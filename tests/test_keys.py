@@ -232,7 +232,9 @@ def test_compile_trains_the_same_model(cli, corpus, tmp_path):
     # metrics.json says what the hardware-dependent defaults resolved to, and why
     assert read(tmp_path / "c")["decisions"]["compile"].startswith("on")
     assert read(tmp_path / "e")["decisions"] == {"precision": "32-true (trainer.precision=32-true)",
-                                                 "compile": "off (trainer.compile=false: the default on CPU)"}
+                                                 "compile": "off (trainer.compile=false: the default on CPU)",
+                                                 "dropout_masks": "hash (auto: on CPU torch draws dropout masks serially)"}
+    assert read(tmp_path / "c")["decisions"]["dropout_masks"] == "torch (auto: torch.compile generates its own masks)"
 
 
 def test_precision_auto_records_its_reason(cli, corpus, tmp_path):

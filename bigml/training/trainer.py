@@ -18,6 +18,7 @@ from bigml import hardware
 from bigml.callbacks.progress import LogLines
 from bigml.callbacks.throughput import ThroughputMeter
 from bigml.errors import ConfigError, UsageError
+from bigml.models.fast_dropout import use_hash_dropout
 from bigml.progress import interactive
 from bigml.run_dir import check_path_component
 from bigml.training.checkpoints import AtomicCheckpointIO
@@ -28,7 +29,8 @@ from bigml.training.preemption import PreemptionCheckpoint
 log = logging.getLogger("bigml")
 # keys of conf/trainer that are bigml's, not Trainer arguments
 BIGML_TRAINER_KEYS = ("compile", "fsdp", "gradient_checkpointing", "on_nonfinite", "max_rollbacks", "rollback_lr_factor",
-                      "max_skipped", "ddp_timeout_s")
+                      "max_skipped", "ddp_timeout_s", "dropout_masks")
+DROPOUT_MASKS = ("auto", "hash", "torch")
 
 
 def trainer_kwargs(cfg) -> tuple[dict, dict]:
@@ -45,6 +47,20 @@ def trainer_kwargs(cfg) -> tuple[dict, dict]:
         "precision": hardware.precision_reason(requested, str(kwargs.get("accelerator", "auto")), kwargs["precision"]),
         "compile": "on (trainer.compile=true)" if extra.get("compile") else "off (trainer.compile=false: the default on CPU)",
     }
+    masks = str(extra.get("dropout_masks") or "auto")
+    if masks not in DROPOUT_MASKS:
+        raise ConfigError("trainer.dropout_masks", f"unknown value {masks!r}", f"choose one of {', '.join(DROPOUT_MASKS)}")
+    on_cpu = _autocast_device(str(kwargs.get("accelerator", "auto"))) == "cpu"
+    # auto: hash masks on CPU, where torch draws them serially; torch's under torch.compile (inductor
+    # generates its own parallel masks) and on GPUs (parallel Philox)
+    extra["hash_dropout"] = masks == "hash" or (masks == "auto" and on_cpu and not extra.get("compile"))
+    if masks != "auto":
+        reason = f"trainer.dropout_masks={masks}"
+    elif extra.get("compile"):
+        reason = "auto: torch.compile generates its own masks"
+    else:
+        reason = "auto: on CPU torch draws dropout masks serially" if on_cpu else "auto: on GPU torch draws them in parallel"
+    extra["decisions"]["dropout_masks"] = f"{'hash' if extra['hash_dropout'] else 'torch'} ({reason})"
     overfit = kwargs.pop("overfit_batches", 0) or 0
     if overfit:
         # debug=overfit: bigml's loaders serve the same first batches every epoch themselves
@@ -195,6 +211,8 @@ def build_trainer(cfg, run_dir: Path, *, callbacks: list[pl.Callback], flops_per
     kwargs, extra = trainer_kwargs(cfg)
     if extra.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
+    if extra.get("hash_dropout") and model is not None:
+        use_hash_dropout(model)  # before compile: the compiled forward traces the swapped layers
     if extra.get("compile"):
         compile_model(model)
     if kwargs.get("strategy") == "ddp" and extra.get("ddp_timeout_s"):
